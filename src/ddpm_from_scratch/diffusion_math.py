@@ -86,9 +86,9 @@ def velocity(x_start, noise, sqrt_abar, sqrt_one_minus_abar):
     return sqrt_abar * noise - sqrt_one_minus_abar * x_start
 
 
-def x0_from_eps(x_t, eps, sqrt_recip_abar, sqrt_recipm1_abar):
-    """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps (Eq. 15)."""
-    return sqrt_recip_abar * x_t - sqrt_recipm1_abar * eps
+def x0_from_eps(x_t, eps, sqrt_recip_abar, sqrt_one_minus_abar):
+    """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Eq. 15); subtracting first keeps float32 error lowest."""
+    return (x_t - sqrt_one_minus_abar * eps) * sqrt_recip_abar
 
 
 def x0_from_v(x_t, v, sqrt_abar, sqrt_one_minus_abar):
@@ -96,15 +96,15 @@ def x0_from_v(x_t, v, sqrt_abar, sqrt_one_minus_abar):
     return sqrt_abar * x_t - sqrt_one_minus_abar * v
 
 
-def eps_from_x0(x_t, x_start, sqrt_recip_abar, sqrt_recipm1_abar):
-    """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1/abar_t - 1), the inverse of Eq. 15."""
-    return (sqrt_recip_abar * x_t - x_start) / sqrt_recipm1_abar
+def eps_from_x0(x_t, x_start, sqrt_abar, sqrt_one_minus_abar):
+    """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the inverse of Eq. 15."""
+    return (x_t - sqrt_abar * x_start) / sqrt_one_minus_abar
 
 
 def x0_from_model_output(prediction_type: str, model_output, x_t, abar):
     """x_0 recovered from an epsilon / sample / v prediction at signal level abar (tensor or float)."""
     if prediction_type == "epsilon":
-        return x0_from_eps(x_t, model_output, abar**-0.5, (1.0 / abar - 1.0) ** 0.5)
+        return x0_from_eps(x_t, model_output, abar**-0.5, (1.0 - abar) ** 0.5)
     if prediction_type == "sample":
         return model_output
     if prediction_type == "v_prediction":

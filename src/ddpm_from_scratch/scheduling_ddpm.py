@@ -30,9 +30,8 @@ TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 # Columns of the per-step coefficient table, in order.
 _COLUMNS = (
     "sqrt_recip_abar",  # 1 / sqrt(abar_t)                      Eq. 15
-    "sqrt_recipm1_abar",  # sqrt(1 / abar_t - 1)                Eq. 15
     "sqrt_abar",  # sqrt(abar_t)                                 v-prediction
-    "sqrt_one_minus_abar",  # sqrt(1 - abar_t)                   v-prediction
+    "sqrt_one_minus_abar",  # sqrt(1 - abar_t)                   Eq. 15, v-prediction
     "coef_x0",  # sqrt(abar_{t-1}) beta_t / (1 - abar_t)         Eq. 7
     "coef_xt",  # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)  Eq. 7
     "std_small",  # sqrt(beta~_t), 0 on the last step            Sec. 3.2, sigma^2 = beta~
@@ -61,6 +60,11 @@ def _choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def _short(values) -> str:
+    values = list(values)
+    return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:4]))}, ..., {', '.join(map(str, values[-2:]))}] ({len(values)} values)"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -75,8 +79,8 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
         if ts[0] >= T:
             raise ValueError(
                 f"timestep_spacing='leading' with steps_offset={steps_offset} and num_inference_steps={n} reaches "
-                f"t={int(ts[0])}, past the last training timestep {T - 1}: lower steps_offset or num_inference_steps "
-                f"(at most {T - steps_offset} steps here), or use timestep_spacing='trailing'"
+                f"t={int(ts[0])}, past the last training timestep {T - 1}: lower steps_offset or num_inference_steps, "
+                f"or use timestep_spacing='trailing'"
             )
     elif spacing == "trailing":
         ts = np.round(T - np.arange(n) * (T / n)) - 1
@@ -197,9 +201,9 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"timesteps must be a non-empty 1-D sequence of integers, got {timesteps!r}")
             ts = ts.astype(np.int64)
             if np.any(np.diff(ts) >= 0):
-                raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}")
+                raise ValueError(f"timesteps must be strictly descending, got {_short(ts.tolist())}")
             if ts[0] >= T or ts[-1] < 0:
-                raise ValueError(f"timesteps must lie in [0, num_train_timesteps - 1] = [0, {T - 1}], got {ts.tolist()}")
+                raise ValueError(f"timesteps must lie in [0, num_train_timesteps - 1] = [0, {T - 1}], got {_short(ts.tolist())}")
             self.custom_timesteps = True
             self.num_inference_steps = len(ts)
         else:
@@ -226,7 +230,6 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         not_last = 1.0 - last
         columns = {
             "sqrt_recip_abar": tab["sqrt_recip_abar"],
-            "sqrt_recipm1_abar": tab["sqrt_recipm1_abar"],
             "sqrt_abar": tab["sqrt_abar"],
             "sqrt_one_minus_abar": tab["sqrt_one_minus_abar"],
             "coef_x0": tab["coef_x0"],
@@ -250,8 +253,8 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         if self._steps is None:
             return timestep - 1
         if isinstance(timestep, torch.Tensor):
-            _, index_of_t, prev_t = self._device_tables(timestep.device, torch.float32)
-            return prev_t[timestep.long()]
+            _, _, prev_t = self._device_tables(timestep.device, torch.float32)
+            return prev_t.index_select(0, timestep.long().reshape(-1)).reshape(timestep.shape)
         return self._prev_of[int(timestep)]
 
     # ------------------------------------------------------------------------------------------
@@ -302,11 +305,13 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
                 )
             return self._steps[self._index_of[t]]
         table, index_of_t, _ = self._device_tables(sample.device, sample.dtype)
+        # index_select, not tensor[t]: indexing with a 0-d tensor reads its value on the host.
         t = timestep.to(sample.device).long().clamp(0, index_of_t.shape[0] - 1)
-        rows = table[index_of_t[t]]  # (..., K)
-        if rows.dim() == 2:  # one timestep per sample: (B, K) -> columns shaped (B, 1, 1, 1)
-            rows = rows.view(rows.shape[0], *([1] * (sample.dim() - 1)), rows.shape[1])
-        return rows.unbind(-1)
+        rows = table.index_select(0, index_of_t.index_select(0, t.reshape(-1)))  # (B or 1, K)
+        if t.dim() == 0:
+            return rows[0].unbind(-1)
+        # one timestep per sample: columns shaped (B, 1, 1, 1)
+        return rows.view(rows.shape[0], *([1] * (sample.dim() - 1)), rows.shape[1]).unbind(-1)
 
     # ------------------------------------------------------------------------------------------
     # The reverse step: x_0 from the prediction, posterior mean, posterior variance, sample.
@@ -323,7 +328,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
 
         # x_0 from the model's prediction (Eq. 15 for epsilon; x_0 directly; or from v).
         if cfg.prediction_type == "epsilon":
-            x0 = dm.x0_from_eps(sample, model_output, c[_C["sqrt_recip_abar"]], c[_C["sqrt_recipm1_abar"]])
+            x0 = dm.x0_from_eps(sample, model_output, c[_C["sqrt_recip_abar"]], c[_C["sqrt_one_minus_abar"]])
         elif cfg.prediction_type == "sample":
             x0 = model_output
         else:
@@ -404,7 +409,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             values = timesteps.detach().numpy()
             if values.size and (values.min() < 0 or values.max() >= table.shape[0]):
                 raise ValueError(f"timesteps must lie in [0, num_train_timesteps - 1] = [0, {table.shape[0] - 1}]")
-        coef = table[timesteps.to(like.device).long().flatten()]  # (B, 2)
+        coef = table.index_select(0, timesteps.to(like.device).long().reshape(-1))  # (B, 2)
         shape = (-1,) + (1,) * (like.dim() - 1)
         return coef[:, 0].view(shape), coef[:, 1].view(shape)
 
