@@ -76,9 +76,16 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Forward process q(x_t | x_0) (Eq. 4) and the parametrisations of the model output
 # ----------------------------------------------------------------------------------------------
+def axpy(a, x, y):
+    """y + a x for tensors x, y; a single fused kernel when the coefficient a is a Python number."""
+    if isinstance(a, (float, int)) and isinstance(y, torch.Tensor) and isinstance(x, torch.Tensor):
+        return torch.add(y, x, alpha=a)
+    return y + a * x
+
+
 def q_sample(x_start, noise, sqrt_abar, sqrt_one_minus_abar):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: a draw from q(x_t|x_0) (Eq. 4)."""
-    return sqrt_abar * x_start + sqrt_one_minus_abar * noise
+    return axpy(sqrt_one_minus_abar, noise, sqrt_abar * x_start)
 
 
 def velocity(x_start, noise, sqrt_abar, sqrt_one_minus_abar):
@@ -88,7 +95,7 @@ def velocity(x_start, noise, sqrt_abar, sqrt_one_minus_abar):
 
 def x0_from_eps(x_t, eps, sqrt_recip_abar, sqrt_one_minus_abar):
     """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Eq. 15); subtracting first keeps float32 error lowest."""
-    return (x_t - sqrt_one_minus_abar * eps) * sqrt_recip_abar
+    return axpy(-sqrt_one_minus_abar, eps, x_t) * sqrt_recip_abar
 
 
 def x0_from_v(x_t, v, sqrt_abar, sqrt_one_minus_abar):
@@ -138,7 +145,7 @@ def posterior_variance(abar_t, abar_prev):
 
 def posterior_mean(x_start, x_t, coef_x0, coef_xt):
     """mu~_t(x_t, x_0) = coef_x0 x_0 + coef_xt x_t (Eq. 7)."""
-    return coef_x0 * x_start + coef_xt * x_t
+    return axpy(coef_xt, x_t, coef_x0 * x_start)
 
 
 def chain_tables(abar_visited: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -89,6 +89,13 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
     return np.ascontiguousarray(ts, dtype=np.int64)
 
 
+def _randn_like(sample: torch.Tensor, generator) -> torch.Tensor:
+    """N(0, I) noise shaped like sample, drawn exactly as diffusers' randn_tensor draws it (same generator, same numbers)."""
+    if generator is None or (isinstance(generator, torch.Generator) and generator.device == sample.device):
+        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+    return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+
+
 class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
     """DDPM ancestral sampler (Ho et al. 2020, Algorithm 2) on precomputed float64 posterior tables.
 
@@ -277,15 +284,15 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def _host_timestep(self, timestep):
         """The timestep as a Python int when it can be read without a device sync, else None."""
-        if _is_int(timestep):
-            return int(timestep)
         if isinstance(timestep, torch.Tensor):
             if timestep.device.type == "cpu" and timestep.numel() == 1 and self._host_lookup:
-                value = timestep.detach().reshape(()).numpy()  # reads CPU memory: no dispatch, no sync
-                if float(value) != int(value):
+                value = timestep.numpy().ravel()[0]  # reads CPU memory: no dispatch, no sync
+                if not float(value).is_integer():
                     raise ValueError(f"timestep must be an integer timestep of the schedule, got {float(value)}")
                 return int(value)
             return None
+        if _is_int(timestep):
+            return int(timestep)
         if isinstance(timestep, float) and timestep.is_integer():
             return int(timestep)
         raise TypeError(f"timestep must be an int or an integer torch.Tensor, got {type(timestep).__name__}")
@@ -346,8 +353,8 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(not_last, float) and not_last == 0.0:
             prev_sample = mean
         else:
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            prev_sample = mean + std * noise
+            noise = _randn_like(sample, generator)
+            prev_sample = dm.axpy(std, noise, mean)
 
         if not return_dict:
             return (prev_sample, x0)
