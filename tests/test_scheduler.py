@@ -43,7 +43,9 @@ def test_every_diffusers_config_key_with_same_default():
     ours, ref = ScratchDDPMScheduler(), DDPMScheduler()
     ref_keys = {k: v for k, v in ref.config.items() if not k.startswith("_")}
     our_keys = {k: v for k, v in ours.config.items() if not k.startswith("_")}
-    assert our_keys == ref_keys
+    # every diffusers key, same default; one key of ours beyond diffusers (Analytic-DPM), off by default
+    assert {k: our_keys[k] for k in ref_keys} == ref_keys
+    assert set(our_keys) - set(ref_keys) == {"analytic_gamma"} and our_keys["analytic_gamma"] is None
     assert ours.order == 1 and ours.init_noise_sigma == 1.0 and len(ours) == 1000
 
 
@@ -232,6 +234,8 @@ BAD_INPUT = [
     ("prediction_type", lambda: ScratchDDPMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing").set_timesteps(10),
      ValueError, "v_prediction"),
     ("steps_offset", lambda: ScratchDDPMScheduler(steps_offset=1).set_timesteps(1000), ValueError, "steps_offset"),
+    ("analytic_gamma", lambda: ScratchDDPMScheduler(variance_type="analytic"), ValueError, "estimate_analytic_gamma"),
+    ("analytic_gamma", lambda: ScratchDDPMScheduler(analytic_gamma=[0.5] * 10), ValueError, "num_train_timesteps=1000"),
 ]
 
 

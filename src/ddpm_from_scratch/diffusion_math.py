@@ -17,6 +17,8 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+# Ours beyond diffusers: Analytic-DPM's optimal variance (needs the per-timestep Gamma_t, see likelihood.py).
+SCHEDULER_VARIANCE_TYPES = VARIANCE_TYPES + ("analytic",)
 
 _F64 = torch.float64
 
@@ -175,6 +177,18 @@ def chain_tables(abar_visited: torch.Tensor) -> dict[str, torch.Tensor]:
         "posterior_log_variance_clipped": var_clipped.log(),
         "log_beta": beta.log(),
     }
+
+
+def analytic_variance(gamma, abar, posterior_variance, coef_x0, half_range: float = 1.0):
+    """Optimal reverse variance given Gamma_t = E||eps_theta(x_t, t)||^2 / d (Bao et al. 2022, Thm. 1 and Thm. 2).
+
+    sigma*^2 = beta~ + coef_x0^2 (1/abar - 1)(1 - Gamma), clipped to [beta~, beta~ + coef_x0^2 half_range^2]
+    (the bounds for data in an interval of half-width half_range). All arguments broadcast, float64.
+    """
+    var = posterior_variance + coef_x0**2 * (1.0 / abar - 1.0) * (1.0 - gamma)
+    lower = posterior_variance
+    upper = posterior_variance + coef_x0**2 * half_range**2
+    return torch.minimum(torch.maximum(var, lower), upper)
 
 
 def learned_range_log_variance(v, min_log, max_log):

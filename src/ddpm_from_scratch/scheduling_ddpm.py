@@ -9,6 +9,9 @@ Where it differs from diffusers 0.42.1 it is on purpose (see tests/test_schedule
 "leading" + ``steps_offset`` past the last training timestep, 0 steps, and zero-terminal-SNR with
 epsilon prediction at abar=0 are clear errors; for ``variance_type="learned"`` the model's extra
 channels are a log variance (Improved DDPM's convention), not a raw variance.
+
+Beyond diffusers: ``variance_type="analytic"`` with ``analytic_gamma`` (T values of E||eps_theta||^2/d)
+samples with Analytic-DPM's optimal reverse variance (Bao et al. 2022) at any number of steps.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ _COLUMNS = (
     "std_large",  # sqrt(beta_t), 0 on the last step             Sec. 3.2, sigma^2 = beta
     "log_var_min",  # log beta~_t (clipped at the last step)     Improved DDPM Eq. 15
     "log_var_max",  # log beta_t
+    "std_analytic",  # Analytic-DPM optimal sigma (Bao et al. 2022, Thm. 1), 0 on the last step / without Gamma
     "not_last",  # 1.0 except on the step to x_0, where no noise is added (Algorithm 2, line 3)
 )
 _C = {name: i for i, name in enumerate(_COLUMNS)}
@@ -123,6 +127,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        analytic_gamma=None,
     ):
         self._validate_config()
         if trained_betas is not None:
@@ -156,7 +161,20 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         c = self.config
         if not _is_int(c.num_train_timesteps) or c.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {c.num_train_timesteps!r}")
-        _choice("variance_type", c.variance_type, dm.VARIANCE_TYPES)
+        _choice("variance_type", c.variance_type, dm.SCHEDULER_VARIANCE_TYPES)
+        gamma = c.get("analytic_gamma")
+        if gamma is not None:
+            gamma = np.asarray(gamma, dtype=np.float64)
+            if gamma.shape != (c.num_train_timesteps,) or not np.all(np.isfinite(gamma)):
+                raise ValueError(
+                    f"analytic_gamma must be a finite 1-D sequence of num_train_timesteps={c.num_train_timesteps} "
+                    f"values (E||eps_theta(x_t, t)||^2 / d per t; see likelihood.estimate_analytic_gamma), got shape {gamma.shape}"
+                )
+        elif c.variance_type == "analytic":
+            raise ValueError(
+                "variance_type='analytic' needs analytic_gamma (estimate it with "
+                "ddpm_from_scratch.likelihood.estimate_analytic_gamma)"
+            )
         _choice("prediction_type", c.prediction_type, dm.PREDICTION_TYPES)
         _choice("timestep_spacing", c.timestep_spacing, TIMESTEP_SPACINGS)
         if c.trained_betas is not None:
@@ -247,6 +265,13 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             "log_var_max": tab["log_beta"],
             "not_last": not_last,
         }
+        gamma = self.config.get("analytic_gamma")
+        if gamma is not None:
+            gamma = torch.as_tensor(np.asarray(gamma, dtype=np.float64))[torch.from_numpy(ts)]
+            var = dm.analytic_variance(gamma, tab["abar"], tab["posterior_variance"], tab["coef_x0"])
+            columns["std_analytic"] = var.sqrt() * not_last
+        else:
+            columns["std_analytic"] = torch.zeros_like(not_last)
         table = torch.stack([columns[name] for name in _COLUMNS], dim=1)  # (n, K) float64
         self._table64 = table
         self._steps = [tuple(row) for row in table.tolist()]
@@ -392,6 +417,8 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             return c[_C["std_small"]]
         if vt in ("fixed_large", "fixed_large_log"):
             return c[_C["std_large"]]
+        if vt == "analytic":
+            return c[_C["std_analytic"]]
         if vt == "learned":
             log_var = model_var
         else:

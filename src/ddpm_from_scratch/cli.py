@@ -1,0 +1,179 @@
+"""Console entry point ``ddpm-from-scratch``: ``evaluate`` (bits/dim, optionally FDD) and ``sample`` (a PNG grid).
+
+    ddpm-from-scratch evaluate --model DIR [--num_images 360] [--steps K] [--variance_type fixed_large] [--fdd]
+    ddpm-from-scratch sample --model DIR --num_images 16 --steps 100 --out grid.png
+
+``--model`` is a folder written by ``ScratchDDPMPipeline.save_pretrained`` (subfolders ``unet`` and ``scheduler``).
+Evaluation data: the held-out split of the built-in digits at the model's resolution (metrics.digits_images).
+This module only wires: the bound lives in likelihood.py, the metrics in metrics.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from . import likelihood
+
+
+def load_model(folder: str, device=None):
+    """(unet, scheduler) from a saved pipeline folder (ScratchDDPMPipeline, else the unet/ + scheduler/ subfolders)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--model {folder!r} is not a folder (expected a saved pipeline with unet/ and scheduler/)")
+    try:
+        from .pipeline_ddpm import ScratchDDPMPipeline
+    except ImportError:
+        ScratchDDPMPipeline = None
+    if ScratchDDPMPipeline is not None and os.path.isfile(os.path.join(folder, "model_index.json")):
+        pipe = ScratchDDPMPipeline.from_pretrained(folder)
+        unet, scheduler = pipe.unet, pipe.scheduler
+    else:
+        from diffusers import UNet2DModel
+
+        from .scheduling_ddpm import ScratchDDPMScheduler
+
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        scheduler = ScratchDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return unet.to(device).eval(), scheduler
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None):
+    """(N, C, H, W) in [-1, 1] -> one PIL image, rows of nrow tiles separated by 1 px."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    ncol = int(math.ceil(n / nrow))
+    grid = np.zeros((ncol * (h + 1) + 1, nrow * (w + 1) + 1, c), dtype=np.uint8)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, p in enumerate(pixels):
+        r, col = divmod(i, nrow)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = p
+    if c == 1:
+        return Image.fromarray(grid[..., 0], mode="L")
+    return Image.fromarray(grid[..., :3] if c >= 3 else grid[..., 0])
+
+
+def save_atomically(image, path: str) -> None:
+    """Write a PIL image via a temporary file + rename, so an existing file is never left half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {path!r}: folder {folder!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise ValueError(f"--out must end in .png, .jpg, .jpeg, .webp or .bmp, got {path!r}")
+    tmp = path + ".tmp" + ext
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def _positive_int(name):
+    def parse(value: str) -> int:
+        try:
+            out = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value!r}") from None
+        if out < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value!r}")
+        return out
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm-from-scratch", description="DDPM from scratch: evaluate and sample.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="folder of a saved pipeline (unet/ + scheduler/)")
+    common.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                        help="sampling / bound steps (respaced chain); default: all training timesteps")
+    common.add_argument("--variance_type", choices=likelihood.VARIANCE_CHOICES, default=None,
+                        help="reverse variance; default: the scheduler's ('analytic' needs analytic_gamma in its config)")
+    common.add_argument("--batch_size", type=_positive_int("--batch_size"), default=128)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+
+    ev = sub.add_parser("evaluate", parents=[common], help="bits/dim on held-out digits (and optionally FDD)")
+    ev.add_argument("--num_images", type=_positive_int("--num_images"), default=None,
+                    help="held-out images to score (default: all 359)")
+    ev.add_argument("--fdd", action="store_true", help="also sample --num_samples images and report the Frechet digit distance")
+    ev.add_argument("--num_samples", type=_positive_int("--num_samples"), default=1000)
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    sp = sub.add_parser("sample", parents=[common], help="sample images into a PNG grid")
+    sp.add_argument("--num_images", type=_positive_int("--num_images"), default=16)
+    sp.add_argument("--out", required=True, help="output image (e.g. grid.png)")
+    return parser
+
+
+def _held_out_images(unet) -> torch.Tensor:
+    from .metrics import digits_images
+
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    images, _ = digits_images(size, "test")
+    if unet.config.in_channels != 1:
+        images = images.expand(-1, unet.config.in_channels, -1, -1).contiguous()
+    return images
+
+
+def evaluate(args) -> dict:
+    unet, scheduler = load_model(args.model, args.device)
+    images = _held_out_images(unet)
+    if args.num_images is not None:
+        images = images[: args.num_images]
+    gen = torch.Generator().manual_seed(args.seed)
+    result = likelihood.bits_per_dim(unet, scheduler, images, num_inference_steps=args.steps, batch_size=args.batch_size,
+                                     generator=gen, progress=not args.no_progress, variance_type=args.variance_type)
+    out = result.to_dict()
+    out["num_images"] = int(images.shape[0])
+    print(f"bits/dim: {result.total:.4f} +- {result.stderr:.4f} (prior {result.prior:.2e}, decoder {result.decoder:.4f}, "
+          f"{len(result.timesteps)} steps, variance {result.variance_type}, {images.shape[0]} held-out images)")
+    if args.fdd:
+        from .metrics import digits_feature_extractor, frechet_distance_images
+
+        samples = likelihood.sample_images(unet, scheduler, args.num_samples, args.steps, variance_type=args.variance_type,
+                                           batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
+        extractor = digits_feature_extractor(device=args.device)
+        out["fdd"] = frechet_distance_images(_held_out_images(unet), samples, extractor)
+        out["num_samples"] = args.num_samples
+        print(f"FDD: {out['fdd']:.4f} ({args.num_samples} samples vs held-out digits)")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)
+    return out
+
+
+def sample(args) -> str:
+    unet, scheduler = load_model(args.model, args.device)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = likelihood.sample_images(unet, scheduler, args.num_images, args.steps, variance_type=args.variance_type,
+                                      batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
+    save_atomically(image_grid(images), args.out)
+    print(f"wrote {args.num_images} samples to {args.out}")
+    return args.out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "evaluate":
+            return evaluate(args)
+        return sample(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"ddpm-from-scratch {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""ScratchDDPMPipeline: unconditional DDPM sampling (Ho et al. 2020, Algorithm 2) as a diffusers pipeline.
+
+The loop is the UNet and ``scheduler.step`` and nothing else; everything that can be checked is checked
+before the first step. Loading is safetensors-first: a folder (or Hub repo) whose model weights exist only
+as pickle is refused unless the caller opts in with ``use_safetensors=False``.
+
+Importing this module registers the pipeline with diffusers (see ``register_with_diffusers``) so that
+``diffusers.DiffusionPipeline.from_pretrained`` resolves ``"_class_name": "ScratchDDPMPipeline"`` and can
+download repos whose scheduler component lives in ``ddpm_from_scratch.scheduling_ddpm``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines import pipeline_loading_utils
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from PIL import Image
+
+from . import scheduling_ddpm
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_PICKLE_PATTERNS = [f"*{s}" for s in PICKLE_SUFFIXES]
+_FOREIGN_PATTERNS = ["*.msgpack", "*.onnx", "*.pb", "*.h5", "*.ot", "*.gguf"]
+_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+# Modules of this package that define pipeline components (they appear in model_index.json).
+_COMPONENT_MODULES = (scheduling_ddpm,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks and small pure helpers
+# ----------------------------------------------------------------------------------------------
+def _is_int(value) -> bool:
+    """True for Python/numpy integers, False for bools."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _image_shape(unet_config, batch_size: int) -> tuple[int, ...]:
+    """(B, C, H, W) of the samples a UNet2DModel config produces."""
+    size = unet_config.sample_size
+    if size is None:
+        raise ValueError("unet.config.sample_size is None: the pipeline cannot know the image size")
+    height, width = (size, size) if _is_int(size) else tuple(size)
+    return (batch_size, unet_config.in_channels, int(height), int(width))
+
+
+def _check_generator(generator, batch_size: int) -> None:
+    """None, one torch.Generator, or a list of exactly ``batch_size`` generators (one per image)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)):
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError("generator must be a torch.Generator or a list of torch.Generator")
+        if len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but batch_size={batch_size}; "
+                "pass one generator per image"
+            )
+        return
+    raise TypeError(f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}")
+
+
+def _check_variance_output(unet_config, scheduler_config) -> None:
+    """The UNet's extra variance channels and the scheduler's variance_type must agree."""
+    in_ch, out_ch = unet_config.in_channels, unet_config.out_channels
+    variance_type = getattr(scheduler_config, "variance_type", None)
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    if learned and out_ch != 2 * in_ch:
+        raise ValueError(
+            f"scheduler.config.variance_type={variance_type!r} needs a UNet with out_channels = 2 * in_channels "
+            f"= {2 * in_ch}, got out_channels={out_ch}"
+        )
+    if out_ch == 2 * in_ch and variance_type is not None and not learned:
+        raise ValueError(
+            f"the UNet outputs 2 * in_channels = {out_ch} channels (a learned variance) but "
+            f"scheduler.config.variance_type={variance_type!r}; use one of {list(LEARNED_VARIANCE_TYPES)}"
+        )
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"unet out_channels={out_ch} must equal in_channels={in_ch} (or twice it for a learned variance)")
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """(B, H, W, C) floats in [0, 1] -> B PIL images: 'L' for 1 channel, 'RGB' for 3, 'RGBA' for 4."""
+    channels = images.shape[-1]
+    if channels not in (1, 3, 4):
+        raise ValueError(f"output_type='pil' supports 1, 3 or 4 channels, got {channels}; use 'np' or 'pt'")
+    pixels = (images * 255.0).round().astype(np.uint8)
+    if channels == 1:
+        pixels = pixels[..., 0]
+    return [Image.fromarray(p) for p in pixels]
+
+
+def _model_folders(folder: str) -> dict[str, str]:
+    """Components of a saved pipeline that hold model weights (a ``config.json`` in their subfolder)."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        return {}
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    out = {}
+    for name, value in index.items():
+        sub = os.path.join(folder, name)
+        if isinstance(value, list) and value[0] is not None and os.path.isfile(os.path.join(sub, "config.json")):
+            out[name] = sub
+    return out
+
+
+def check_safetensors_only(folder: str, use_safetensors: bool | None) -> None:
+    """Refuse a saved pipeline whose model weights are not safetensors, unless ``use_safetensors is False``."""
+    if use_safetensors is False:
+        return
+    for name, sub in _model_folders(folder).items():
+        files = sorted(os.listdir(sub))
+        if any(f.endswith(".safetensors") for f in files):
+            continue
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        found = (f"only pickle weights {pickles}" if pickles
+                 else f"no safetensors weights (files: {files}; pickle weights are not downloaded)")
+        raise ValueError(
+            f"component {name!r} in {folder} has {found}. Pickle files can run arbitrary code when loaded, so they "
+            "are refused; convert them to safetensors, or pass use_safetensors=False to load pickle weights from "
+            "a source you trust."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------
+class ScratchDDPMPipeline(DiffusionPipeline):
+    """Unconditional image generation with DDPM ancestral sampling.
+
+    Components: ``unet`` (a ``UNet2DModel``: (B, C, H, W) x_t and t -> (B, C or 2C, H, W)) and ``scheduler``
+    (``ScratchDDPMScheduler`` or any scheduler with the DDPMScheduler API).
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # -- generation -------------------------------------------------------------------------------
+    def check_inputs(self, batch_size, generator, num_inference_steps, output_type, latents,
+                     callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
+        """Raise ValueError/TypeError naming the bad argument; called once before the loop."""
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        train_steps = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if train_steps is not None and num_inference_steps > train_steps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} exceeds the scheduler's num_train_timesteps={train_steps}"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        _check_generator(generator, batch_size)
+        shape = _image_shape(self.unet.config, batch_size)
+        if output_type == "pil" and shape[1] not in (1, 3, 4):
+            raise ValueError(f"output_type='pil' supports 1, 3 or 4 channels, the UNet has {shape[1]}; use 'np' or 'pt'")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape} (batch_size, C, H, W), got {tuple(latents.shape)}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError("callback_on_step_end must be callable or None")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {bad} are not allowed; allowed: {self._callback_tensor_inputs}"
+            )
+        _check_variance_output(self.unet.config, self.scheduler.config)
+
+    def prepare_latents(self, shape, dtype, device, generator, latents=None) -> torch.Tensor:
+        """x_T ~ N(0, I) of ``shape`` (B, C, H, W), scaled by the scheduler's init_noise_sigma (1 for DDPM)."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
+        return latents if sigma == 1.0 else latents * sigma
+
+    @property
+    def num_timesteps(self) -> int:
+        """Number of denoising steps of the last call."""
+        return self._num_timesteps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        latents: torch.Tensor | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``batch_size`` images by ancestral sampling x_T -> x_0 (DDPM Algorithm 2).
+
+        generator: one generator, or a list of ``batch_size`` generators (image i depends only on generator i).
+        latents: optional x_T, shape (batch_size, C, H, W). output_type: "pil" (grayscale 'L' for one channel),
+        "np" (B, H, W, C) float32 in [0, 1], or "pt" (B, C, H, W) float32 in [0, 1].
+        callback_on_step_end(pipe, i, t, callback_kwargs) -> dict may replace ``latents`` after each step.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(batch_size, generator, num_inference_steps, output_type, latents,
+                          callback_on_step_end, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        shape = _image_shape(self.unet.config, batch_size)
+        latents = self.prepare_latents(shape, self.unet.dtype, device, generator, latents)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        unet, step = self.unet, self.scheduler.step
+
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                model_output = unet(latents, t, return_dict=False)[0]
+                latents = step(model_output, t, latents, generator=generator, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: latents for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.pop("latents", latents)
+                progress.update()
+
+        images = (latents.float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # -- loading and saving ----------------------------------------------------------------------
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Snapshot-download a pipeline repo with huggingface_hub and return the local folder.
+
+        Pickle weights are not downloaded unless ``use_safetensors=False``. Accepts cache_dir, revision, token,
+        local_files_only and force_download like ``DiffusionPipeline.download``.
+        """
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        if kwargs.pop("proxies", None) is not None:
+            logger.warning("proxies is ignored: configure proxies through huggingface_hub's environment instead")
+        kwargs.pop("variant", None)  # every safetensors file is fetched; the loader picks the variant
+        unknown = sorted(set(kwargs) - {"cache_dir", "force_download", "local_files_only", "token", "revision"})
+        if unknown:
+            raise TypeError(f"download() got unexpected keyword arguments {unknown}")
+        ignore = list(_FOREIGN_PATTERNS)
+        if use_safetensors is not False:
+            ignore += _PICKLE_PATTERNS
+        return snapshot_download(
+            pretrained_model_name,
+            cache_dir=kwargs.get("cache_dir"),
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            local_files_only=bool(kwargs.get("local_files_only") or False),
+            force_download=bool(kwargs.get("force_download") or False),
+            ignore_patterns=ignore,
+            user_agent={"pipeline_class": cls.__name__},
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "ScratchDDPMPipeline":
+        """Load from a local folder or a Hub repo id (``"user/name"``), safetensors only unless
+        ``use_safetensors=False``. Other kwargs (dtype, revision, cache_dir, token, local_files_only,
+        component overrides such as ``scheduler=``) behave as in ``DiffusionPipeline.from_pretrained``."""
+        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            raise TypeError(
+                "pretrained_model_name_or_path must be a folder path or a Hub repo id, "
+                f"got {type(pretrained_model_name_or_path).__name__}"
+            )
+        source = os.fspath(pretrained_model_name_or_path)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        download_kwargs = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS if k in kwargs}
+        if os.path.isdir(source):
+            folder = source
+        else:
+            if os.path.exists(source):
+                raise ValueError(f"pretrained_model_name_or_path={source!r} is a file; pass the pipeline's folder")
+            try:
+                validate_repo_id(source)
+            except HFValidationError as err:
+                raise ValueError(
+                    f"pretrained_model_name_or_path={source!r} is neither an existing folder nor a Hub repo id "
+                    "('user/name')"
+                ) from err
+            folder = cls.download(source, use_safetensors=use_safetensors, **download_kwargs)
+        check_safetensors_only(folder, use_safetensors)
+        pipe = super().from_pretrained(folder, use_safetensors=use_safetensors is not False, **kwargs)
+        pipe.register_to_config(_name_or_path=source)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
+        """Write model_index.json, the UNet as safetensors and the scheduler config to ``save_directory``."""
+        if safe_serialization is not True:
+            raise ValueError("safe_serialization must be True: this project writes weights only as safetensors")
+        return super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration with diffusers
+# ----------------------------------------------------------------------------------------------
+def register_with_diffusers() -> None:
+    """Let diffusers' generic loaders handle checkpoints of this package, without trust_remote_code.
+
+    - ``DiffusionPipeline.from_pretrained`` looks ``model_index.json``'s ``_class_name`` up as an attribute
+      of the ``diffusers`` module: expose ``diffusers.ScratchDDPMPipeline``.
+    - ``DiffusionPipeline.download`` (repo ids) accepts a component library only if it is a key of
+      ``LOADABLE_CLASSES``; diffusers records our scheduler's library as its module path
+      (``ddpm_from_scratch.scheduling_ddpm``), so that path becomes a key whose loadable base class is
+      ``SchedulerMixin`` (which the module imports, as diffusers' loader looks it up there).
+    Idempotent.
+    """
+    setattr(diffusers, ScratchDDPMPipeline.__name__, ScratchDDPMPipeline)
+    for module in _COMPONENT_MODULES:
+        if not hasattr(module, "SchedulerMixin"):
+            raise ImportError(f"{module.__name__} must import SchedulerMixin for diffusers' loader to find it")
+        pipeline_loading_utils.LOADABLE_CLASSES.setdefault(
+            module.__name__, {"SchedulerMixin": ["save_pretrained", "from_pretrained"]}
+        )
+
+
+register_with_diffusers()
