@@ -70,7 +70,9 @@ def test_kid_unbiased_mmd_matches_the_definition_and_is_unbiased():
 def test_shipped_digits_classifier_is_accurate_on_held_out_digits():
     net = M.load_digits_classifier()
     x, y = M.digits_images(8, "test")
-    train_idx, test_idx = M.digits_split_indices()
+    from ddpm_from_scratch.data import digits_split_indices
+
+    train_idx, test_idx = digits_split_indices()
     assert len(set(train_idx.tolist()) & set(test_idx.tolist())) == 0 and len(train_idx) + len(test_idx) == 1797
     with torch.no_grad():
         acc = float((net(M.to_digit_input(x)).argmax(1) == y).float().mean())

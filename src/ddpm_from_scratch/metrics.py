@@ -22,8 +22,6 @@ from torch import nn
 
 _F64 = torch.float64
 DIGITS_CLASSIFIER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.safetensors")
-DIGITS_TEST_FRACTION = 0.2
-DIGITS_SPLIT_SEED = 0
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -194,30 +192,15 @@ def digits_feature_extractor(path: str | None = None, device=None) -> Callable[[
     return extract
 
 
-def digits_split_indices(test_fraction: float = DIGITS_TEST_FRACTION, seed: int = DIGITS_SPLIT_SEED):
-    """(train, test) int64 index tensors into scikit-learn's 1797 digits: a fixed seeded permutation."""
-    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(1797 * test_fraction))
-    return perm[n_test:].sort().values, perm[:n_test].sort().values
-
-
 def digits_images(resolution: int = 8, split: str = "test"):
     """(images (N, 1, R, R) float32 in [-1, 1], labels (N,)) of scikit-learn's digits, preprocessed exactly as the
     training data (data.load_digits_dataset: 8-bit, resized to R) ; split in 'train', 'test', 'all'."""
-    from sklearn.datasets import load_digits
-
     from . import data
 
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be one of ['train', 'test', 'all'], got {split!r}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
-    bunch = load_digits()
-    pixels = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    labels = torch.as_tensor(bunch.target, dtype=torch.long)
-    if split != "all":
-        idx = digits_split_indices()[0 if split == "train" else 1]
-        pixels, labels = pixels[idx.numpy()], labels[idx]
+    pixels, labels = data.digits_pixels(split)
+    labels = torch.as_tensor(labels, dtype=torch.long)
     out = []
     from PIL import Image
 
