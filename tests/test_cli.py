@@ -75,3 +75,22 @@ def test_bad_arguments(model_dir, tmp_path):
     with pytest.raises(SystemExit):  # analytic variance without a gamma in the config: fails before writing
         cli.main(["sample", "--model", folder, "--out", str(existing), "--variance_type", "analytic", "--no_progress"])
     assert existing.read_bytes() == b"precious"
+
+
+def test_estimate_variance_stores_gamma_and_enables_analytic_sampling(model_dir, tmp_path):
+    import shutil
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(model_dir[0], folder)
+    cli.main(["estimate-variance", "--model", folder, "--num_images", "16", "--device", "cpu", "--no_progress"])
+    loaded = ScratchDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    unet = model_dir[1]
+    train, _ = digits_images(8, "train")
+    expected = L.estimate_analytic_gamma(unet, model_dir[2], train[:16], batch_size=128,
+                                         generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(loaded.config.analytic_gamma, expected.numpy(), rtol=1e-6)
+    assert loaded.config.variance_type == "fixed_small"  # the default sampler is unchanged
+    out = tmp_path / "grid.png"
+    cli.main(["sample", "--model", folder, "--num_images", "4", "--steps", "5", "--variance_type", "analytic",
+              "--out", str(out), "--device", "cpu", "--no_progress"])
+    assert out.exists()

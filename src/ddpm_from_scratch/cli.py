@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num_samples", type=_positive_int("--num_samples"), default=1000)
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
 
+    av = sub.add_parser("estimate-variance", parents=[common],
+                        help="estimate Analytic-DPM's Gamma_t on the train digits and store it in the model's scheduler "
+                             "config, so that --variance_type analytic works for sample / evaluate")
+    av.add_argument("--num_images", type=_positive_int("--num_images"), default=512,
+                    help="train-split digits for the Monte Carlo estimate of E||eps_theta||^2 / d per timestep")
+
     sp = sub.add_parser("sample", parents=[common], help="sample images into a PNG grid")
     sp.add_argument("--num_images", type=_positive_int("--num_images"), default=16)
     sp.add_argument("--out", required=True, help="output image (e.g. grid.png)")
@@ -154,6 +160,30 @@ def evaluate(args) -> dict:
     return out
 
 
+def estimate_variance(args) -> str:
+    """Gamma_t by Monte Carlo over train digits, written into <model>/scheduler/scheduler_config.json atomically."""
+    from .metrics import digits_images
+
+    unet, scheduler = load_model(args.model, args.device)
+    size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+    images, _ = digits_images(size, "train")
+    if unet.config.in_channels != 1:
+        images = images.expand(-1, unet.config.in_channels, -1, -1).contiguous()
+    gamma = likelihood.estimate_analytic_gamma(unet, scheduler, images[: args.num_images], batch_size=args.batch_size,
+                                               generator=torch.Generator().manual_seed(args.seed),
+                                               progress=not args.no_progress)
+    updated = likelihood.with_analytic_variance(scheduler, gamma)
+    folder = os.path.join(args.model, "scheduler")
+    tmp = folder + ".tmp-analytic"
+    updated.save_pretrained(tmp)
+    os.makedirs(folder, exist_ok=True)
+    os.replace(os.path.join(tmp, "scheduler_config.json"), os.path.join(folder, "scheduler_config.json"))
+    os.rmdir(tmp)
+    print(f"stored analytic_gamma ({len(gamma)} timesteps, from {min(args.num_images, len(images))} train digits) "
+          f"in {folder}; sample with --variance_type analytic")
+    return folder
+
+
 def sample(args) -> str:
     unet, scheduler = load_model(args.model, args.device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -169,6 +199,8 @@ def main(argv=None):
     try:
         if args.command == "evaluate":
             return evaluate(args)
+        if args.command == "estimate-variance":
+            return estimate_variance(args)
         return sample(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"ddpm-from-scratch {args.command}: error: {err}", file=sys.stderr)

@@ -93,6 +93,14 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
     return np.ascontiguousarray(ts, dtype=np.int64)
 
 
+def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> device without blocking the host: through pinned memory, non_blocking, for CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _randn_like(sample: torch.Tensor, generator) -> torch.Tensor:
     """N(0, I) noise shaped like sample, drawn exactly as diffusers' randn_tensor draws it (same generator, same numbers)."""
     if generator is None or (isinstance(generator, torch.Generator) and generator.device == sample.device):
@@ -298,13 +306,13 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         if key not in self._device_cache:
             T = self.config.num_train_timesteps
             nan_row = torch.full((1, len(_COLUMNS)), float("nan"), dtype=torch.float64)
-            table = torch.cat([self._table64, nan_row]).to(device=device, dtype=dtype)
+            table = _to_device(torch.cat([self._table64, nan_row]).to(dtype), device)
             index_of_t = torch.full((T,), len(self._steps), dtype=torch.long)  # unknown t -> the NaN row
             prev_t = torch.full((T,), -1, dtype=torch.long)
             for t, i in self._index_of.items():
                 index_of_t[t] = i
                 prev_t[t] = self._prev_of[t]
-            self._device_cache[key] = (table, index_of_t.to(device), prev_t.to(device))
+            self._device_cache[key] = (table, _to_device(index_of_t, device), _to_device(prev_t, device))
         return self._device_cache[key]
 
     def _host_timestep(self, timestep):
@@ -338,7 +346,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             return self._steps[self._index_of[t]]
         table, index_of_t, _ = self._device_tables(sample.device, sample.dtype)
         # index_select, not tensor[t]: indexing with a 0-d tensor reads its value on the host.
-        t = timestep.to(sample.device).long().clamp(0, index_of_t.shape[0] - 1)
+        t = _to_device(timestep, sample.device).long().clamp(0, index_of_t.shape[0] - 1)
         rows = table.index_select(0, index_of_t.index_select(0, t.reshape(-1)))  # (B or 1, K)
         if t.dim() == 0:
             return rows[0].unbind(-1)
@@ -433,7 +441,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         key = (like.device, like.dtype)
         if key not in self._noise_cache:
             both = torch.stack([self.tables["sqrt_abar"], self.tables["sqrt_one_minus_abar"]], dim=1)
-            self._noise_cache[key] = both.to(device=like.device, dtype=like.dtype)
+            self._noise_cache[key] = _to_device(both.to(like.dtype), like.device)
         table = self._noise_cache[key]
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.as_tensor(timesteps)
@@ -443,7 +451,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             values = timesteps.detach().numpy()
             if values.size and (values.min() < 0 or values.max() >= table.shape[0]):
                 raise ValueError(f"timesteps must lie in [0, num_train_timesteps - 1] = [0, {table.shape[0] - 1}]")
-        coef = table.index_select(0, timesteps.to(like.device).long().reshape(-1))  # (B, 2)
+        coef = table.index_select(0, _to_device(timesteps, like.device).long().reshape(-1))  # (B, 2)
         shape = (-1,) + (1,) * (like.dim() - 1)
         return coef[:, 0].view(shape), coef[:, 1].view(shape)
 
