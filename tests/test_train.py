@@ -301,3 +301,21 @@ def test_checkpoint_listing_and_pruning(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([f"{tu.TMP_PREFIX}40", "checkpoint-10", "checkpoint-20",
                                                    "checkpoint-30"])
     assert tu.resolve_checkpoint(str(tmp_path / "nowhere"), "latest") is None
+
+
+def test_eval_at_end_puts_the_held_out_bound_and_fdd_on_the_card(tmp_path):
+    from ddpm_from_scratch.metrics import digits_report
+    from ddpm_from_scratch.pipeline_ddpm import ScratchDDPMPipeline
+
+    out = tmp_path / "out"
+    _train(tmp_path, out, "--unet_preset", "tiny", "--ddpm_num_steps", "20", "--max_train_steps", "4",
+           "--checkpointing_steps", "0", "--eval_at_end", "--eval_num_samples", "32")
+    info = json.loads((out / "run_info.json").read_text())["eval"]
+    pipe = ScratchDDPMPipeline.from_pretrained(str(out))
+    expected = digits_report(pipe.unet, pipe.scheduler, num_inference_steps=4, num_samples=32, batch_size=4,
+                             generator=torch.Generator().manual_seed(7))
+    assert info["num_images"] == 359 and info["num_steps"] == 4
+    assert info["bits_per_dim"] == pytest.approx(expected["bits_per_dim"], rel=1e-5)
+    assert info["fdd"] == pytest.approx(expected["fdd"], rel=1e-4)
+    card = (out / "README.md").read_text()
+    assert "bits/dim (held-out digits)" in card and "FDD (32 samples, 4 steps)" in card

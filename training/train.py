@@ -131,6 +131,12 @@ def parse_args(argv=None):
                    help="Write samples/step_<N>.png every this many steps (0 = only at the end).")
     g.add_argument("--eval_batch_size", type=int, default=64, help="Images in each sample grid.")
     g.add_argument("--ddpm_num_inference_steps", type=int, default=1000, help="Denoising steps for the samples.")
+    g.add_argument("--eval_at_end", action="store_true",
+                   help="Built-in digits only: after training, compute the bits/dim bound on the 359 held-out digits "
+                        "and the Frechet digit distance of --eval_num_samples samples (--ddpm_num_inference_steps "
+                        "steps), and put both on the model card.")
+    g.add_argument("--eval_num_samples", type=int, default=256,
+                   help="Samples for the end-of-training Frechet digit distance (0 = bits/dim only).")
     g.add_argument("--logger", default="tensorboard", choices=["tensorboard", "none"], help="Experiment tracker.")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard directory, relative to output_dir.")
     g.add_argument("--logging_steps", type=int, default=10, help="Log scalars every this many steps.")
@@ -213,6 +219,8 @@ def main(argv=None) -> int:
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, resolution,
         args.center_crop, args.random_flip, args.image_channels, args.on_bad_image, args.seed,
         digits_split=args.digits_split)
+    if args.eval_at_end and source != "sklearn-digits":
+        raise ValueError("--eval_at_end scores held-out built-in digits: use it without --dataset_name/--train_data_dir")
     world, rank, per_proc = accelerator.num_processes, accelerator.process_index, args.train_batch_size
     global_batch = per_proc * world
     micro_per_epoch = len(dataset) // global_batch
@@ -363,7 +371,22 @@ def main(argv=None) -> int:
 
         grid = save_samples(global_step)
         shutil.copyfile(grid, os.path.join(args.output_dir, "samples.png"))  # beside README.md, for the card
-        tu.export_pipeline(accelerator.unwrap_model(unet), noise_scheduler, args.output_dir, ema)
+        exported = tu.export_pipeline(accelerator.unwrap_model(unet), noise_scheduler, args.output_dir, ema)
+        card_metrics = {"loss": final_loss}
+        if args.eval_at_end:
+            from ddpm_from_scratch.metrics import digits_report
+
+            steps = args.ddpm_num_inference_steps
+            report = digits_report(exported.unet.eval(), noise_scheduler,
+                                   num_inference_steps=None if steps >= args.ddpm_num_steps else steps,
+                                   num_samples=args.eval_num_samples, batch_size=args.eval_batch_size,
+                                   generator=torch.Generator().manual_seed(args.seed), progress=True)
+            card_metrics["bits/dim (held-out digits)"] = report["bits_per_dim"]
+            if "fdd" in report:
+                card_metrics[f"FDD ({report['num_samples']} samples, {report['num_steps']} steps)"] = report["fdd"]
+            run_info["eval"] = {k: v for k, v in report.items() if k not in ("timesteps", "terms_bpd")}
+            logger.info("held-out bits/dim %.4f%s", report["bits_per_dim"],
+                        f", FDD {report['fdd']:.3f}" if "fdd" in report else "", main_process_only=True)
         run_info.update(final_step=global_step, final_loss=final_loss, last_losses=recent, ema=ema is not None)
         with open(os.path.join(args.output_dir, "run_info.json"), "w") as f:
             json.dump(run_info, f, indent=2)
@@ -371,7 +394,7 @@ def main(argv=None) -> int:
         hub.write_model_card(
             args.output_dir, repo_id=repo_id if args.push_to_hub else None, sample_grid="samples.png",
             dataset_name=source if source != "sklearn-digits" else "scikit-learn digits (sklearn.datasets.load_digits)",
-            training_args=public_args(args), metrics={"loss": final_loss},
+            training_args=public_args(args), metrics=card_metrics,
             details={"UNet preset": args.unet_preset, "resolution": resolution, "channels": prepared.channels,
                      "training steps": global_step, "global batch": global_batch * args.gradient_accumulation_steps,
                      "EMA weights": ema is not None},

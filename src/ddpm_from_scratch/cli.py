@@ -120,37 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _held_out_images(unet) -> torch.Tensor:
-    from .metrics import digits_images
-
-    size = unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    images, _ = digits_images(size, "test")
-    if unet.config.in_channels != 1:
-        images = images.expand(-1, unet.config.in_channels, -1, -1).contiguous()
-    return images
-
-
 def evaluate(args) -> dict:
-    unet, scheduler = load_model(args.model, args.device)
-    images = _held_out_images(unet)
-    if args.num_images is not None:
-        images = images[: args.num_images]
-    gen = torch.Generator().manual_seed(args.seed)
-    result = likelihood.bits_per_dim(unet, scheduler, images, num_inference_steps=args.steps, batch_size=args.batch_size,
-                                     generator=gen, progress=not args.no_progress, variance_type=args.variance_type)
-    out = result.to_dict()
-    out["num_images"] = int(images.shape[0])
-    print(f"bits/dim: {result.total:.4f} +- {result.stderr:.4f} (prior {result.prior:.2e}, decoder {result.decoder:.4f}, "
-          f"{len(result.timesteps)} steps, variance {result.variance_type}, {images.shape[0]} held-out images)")
-    if args.fdd:
-        from .metrics import digits_feature_extractor, frechet_distance_images
+    from .metrics import digits_report
 
-        samples = likelihood.sample_images(unet, scheduler, args.num_samples, args.steps, variance_type=args.variance_type,
-                                           batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
-        extractor = digits_feature_extractor(device=args.device)
-        out["fdd"] = frechet_distance_images(_held_out_images(unet), samples, extractor)
-        out["num_samples"] = args.num_samples
+    unet, scheduler = load_model(args.model, args.device)
+    out = digits_report(unet, scheduler, num_inference_steps=args.steps, num_images=args.num_images,
+                        num_samples=args.num_samples if args.fdd else 0, variance_type=args.variance_type,
+                        batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
+                        progress=not args.no_progress)
+    print(f"bits/dim: {out['bits_per_dim']:.4f} +- {out['stderr']:.4f} (prior {out['prior_bpd']:.2e}, decoder "
+          f"{out['decoder_bpd']:.4f}, {out['num_steps']} steps, variance {out['variance_type']}, "
+          f"{out['num_images']} held-out images)")
+    if args.fdd:
         print(f"FDD: {out['fdd']:.4f} ({args.num_samples} samples vs held-out digits)")
     if args.json:
         tmp = args.json + ".tmp"

@@ -281,3 +281,35 @@ def inception_feature_extractor(device=None) -> Callable[[torch.Tensor], torch.T
         return net(x.to(param_device))[0]
 
     return extract
+
+
+def held_out_digits(unet) -> torch.Tensor:
+    """The 359 held-out digits (test split) shaped for ``unet`` (its sample_size, in_channels), in [-1, 1]."""
+    size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+    images, _ = digits_images(size, "test")
+    if unet.config.in_channels != 1:
+        images = images.expand(-1, unet.config.in_channels, -1, -1).contiguous()
+    return images
+
+
+def digits_report(unet, scheduler, *, num_inference_steps=None, num_images=None, num_samples: int = 0,
+                  variance_type=None, batch_size: int = 128, generator=None, progress: bool = False) -> dict:
+    """Bits/dim bound on the held-out digits and, with num_samples > 0, the Frechet digit distance of that many
+    samples to them. Returns BoundResult.to_dict() (+ num_images, fdd, num_samples)."""
+    from . import likelihood
+
+    images = held_out_digits(unet)
+    if num_images is not None:
+        images = images[:num_images]
+    bound = likelihood.bits_per_dim(unet, scheduler, images, num_inference_steps=num_inference_steps,
+                                    batch_size=batch_size, generator=generator, progress=progress,
+                                    variance_type=variance_type)
+    out = bound.to_dict()
+    out["num_images"] = int(images.shape[0])
+    if num_samples:
+        samples = likelihood.sample_images(unet, scheduler, num_samples, num_inference_steps,
+                                           variance_type=variance_type, batch_size=batch_size, generator=generator,
+                                           progress=progress)
+        out["fdd"] = frechet_distance_images(held_out_digits(unet), samples)
+        out["num_samples"] = int(num_samples)
+    return out
