@@ -319,3 +319,20 @@ def test_eval_at_end_puts_the_held_out_bound_and_fdd_on_the_card(tmp_path):
     assert info["fdd"] == pytest.approx(expected["fdd"], rel=1e-4)
     card = (out / "README.md").read_text()
     assert "bits/dim (held-out digits)" in card and "FDD (32 samples, 4 steps)" in card
+
+
+def test_importance_sampled_vlb_training_resumes_bit_identically(tmp_path):
+    """--loss vlb --importance_sampling: the sampler's loss history is checkpointed with the run (T = 5 steps so
+    that it leaves its uniform warm-up within the run), so a killed and resumed run equals an uninterrupted one."""
+    flags = ["--unet_preset", "tiny", "--ddpm_num_steps", "5", "--loss", "vlb", "--importance_sampling",
+             "--variance_type", "learned_range", "--max_train_steps", "12", "--checkpointing_steps", "6"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _train(tmp_path, ref, *flags)
+    _train_until_paused(tmp_path, out, "after_checkpoint:6", *flags)
+    _train(tmp_path, out, *flags, "--resume_from_checkpoint", "latest")
+    _assert_bit_identical(load_file(str(out / "checkpoint-12" / "model.safetensors")),
+                          load_file(str(ref / "checkpoint-12" / "model.safetensors")))
+    state = torch.load(str(ref / "checkpoint-12" / "custom_checkpoint_1.pkl"), weights_only=False)
+    assert int(state["counts"].sum()) == 12 * 8 and bool((state["counts"] >= 10).all())  # past the warm-up
+    bad = _train(tmp_path, tmp_path / "bad", "--importance_sampling", check=False)
+    assert bad.returncode != 0 and "--importance_sampling" in bad.stderr and "--loss vlb" in bad.stderr

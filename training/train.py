@@ -79,6 +79,9 @@ def parse_args(argv=None):
                    help="Reverse-process variance; learned / learned_range double the UNet's output channels.")
     g.add_argument("--loss", default="simple", choices=None,
                    help="Training objective (ddpm_from_scratch.losses.LOSS_TYPES: " + ", ".join(LOSS_TYPES) + ").")
+    g.add_argument("--importance_sampling", action="store_true",
+                   help="With --loss vlb: draw t with probability proportional to sqrt(E[L_t^2]) over the last 10 "
+                        "bound terms of each t, uniform until every t has them (Improved DDPM Sec. 3.3).")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice. Off by default.")
 
@@ -161,6 +164,10 @@ def parse_args(argv=None):
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.dataset_name and args.train_data_dir:
         p.error("give either --dataset_name or --train_data_dir, not both")
+    if args.importance_sampling and args.loss != "vlb":
+        p.error(f"--importance_sampling reweights the bound's terms: it needs --loss vlb, got --loss {args.loss}")
+    if args.eval_at_end and (args.dataset_name or args.train_data_dir):
+        p.error("--eval_at_end scores held-out built-in digits: use it without --dataset_name/--train_data_dir")
     return args
 
 
@@ -219,8 +226,6 @@ def main(argv=None) -> int:
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, resolution,
         args.center_crop, args.random_flip, args.image_channels, args.on_bad_image, args.seed,
         digits_split=args.digits_split)
-    if args.eval_at_end and source != "sklearn-digits":
-        raise ValueError("--eval_at_end scores held-out built-in digits: use it without --dataset_name/--train_data_dir")
     world, rank, per_proc = accelerator.num_processes, accelerator.process_index, args.train_batch_size
     global_batch = per_proc * world
     micro_per_epoch = len(dataset) // global_batch
@@ -254,6 +259,12 @@ def main(argv=None) -> int:
                      inv_gamma=args.ema_inv_gamma, power=args.ema_power, update_after_step=args.ema_update_after_step)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
+    timestep_sampler = None
+    if args.importance_sampling:
+        from ddpm_from_scratch.losses import ImportanceTimestepSampler
+
+        timestep_sampler = ImportanceTimestepSampler(args.ddpm_num_steps)
+        accelerator.register_for_checkpointing(timestep_sampler)
     if ema is not None:
         ema.shadow = [s.to(accelerator.device) for s in ema.shadow]
         tu.register_ema(accelerator, ema)
@@ -312,11 +323,12 @@ def main(argv=None) -> int:
     unet.train()
     while global_step < max_steps:
         x0 = next(data_iter).to(accelerator.device, non_blocking=True)
-        t, eps = tu.step_noise(args.seed, micro, global_batch, sample_shape, args.ddpm_num_steps, rank, per_proc,
-                               device=accelerator.device, dtype=x0.dtype)
+        t, eps, w = tu.step_noise(args.seed, micro, global_batch, sample_shape, args.ddpm_num_steps, rank, per_proc,
+                                  device=accelerator.device, dtype=x0.dtype, timestep_sampler=timestep_sampler)
         loss, grad_norm = tu.train_micro_step(accelerator, unet, optimizer, noise_scheduler, x0, t, eps,
                                               loss_type=args.loss, snr_gamma=args.snr_gamma,
-                                              max_grad_norm=args.max_grad_norm)
+                                              max_grad_norm=args.max_grad_norm, timestep_weights=w,
+                                              timestep_sampler=timestep_sampler)
         micro += 1
         accum_loss = accum_loss + loss.detach().float() / args.gradient_accumulation_steps
         if not accelerator.sync_gradients:

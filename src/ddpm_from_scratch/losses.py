@@ -122,6 +122,7 @@ def _full_chain_rows(scheduler, timesteps: torch.Tensor, ndim: int, device) -> d
 def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "simple", snr_gamma: float | None = None,
                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None, generator=None,
                   timestep_sampler: ImportanceTimestepSampler | None = None,
+                  timestep_weights: torch.Tensor | None = None,
                   vlb_weight: float = HYBRID_VLB_WEIGHT) -> dict:
     """One DDPM training objective on a batch x_start (B, C, H, W) in [-1, 1] (Algorithm 1).
 
@@ -137,6 +138,8 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
     (B, 2C, ...) output under variance_type learned / learned_range (vlb also works with a fixed variance).
     timestep_sampler: draws t (when ``timesteps`` is None), multiplies per_sample by its importance weights and is
     updated with the vlb terms (the simple MSE for loss_type "simple").
+    timestep_weights: (B,) importance weights 1 / (T p_t) of timesteps drawn elsewhere (e.g. by a sampler shared
+    across processes, see train_utils.step_noise); multiplies per_sample.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
@@ -147,7 +150,7 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
     if loss_type == "vlb" and snr_gamma is not None:
         raise ValueError("snr_gamma weights the simple loss; it must be None with loss_type='vlb' (a weighted bound is no bound)")
     batch = x_start.shape[0]
-    weights = None
+    weights = timestep_weights
     if timesteps is None:
         if timestep_sampler is not None:
             timesteps, weights = timestep_sampler.sample(batch, device=x_start.device, generator=generator)
