@@ -245,3 +245,14 @@ def test_bad_input_names_the_parameter_and_allowed_values(param, call, exc, allo
         call()
     assert param in str(info.value)
     assert allowed in str(info.value)
+
+
+def test_learned_variance_model_sampled_with_a_fixed_variance_ignores_the_variance_half():
+    sched = ScratchDDPMScheduler()
+    sched.set_timesteps(10)
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = sched.timesteps[2]
+    both = torch.cat([eps, torch.full_like(eps, 123.0)], dim=1)
+    a = sched.step(both, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    b = sched.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

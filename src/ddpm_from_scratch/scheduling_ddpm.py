@@ -394,16 +394,20 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         return ScratchDDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
     def _split_variance(self, model_output: torch.Tensor, sample: torch.Tensor):
-        """(prediction, variance output or None), checking the model output's shape."""
+        """(prediction, variance output or None), checking the model output's shape.
+
+        A (B, 2C, ...) output under a fixed variance type is a learned-variance model sampled with a fixed
+        variance: its variance half is ignored.
+        """
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
             raise TypeError("model_output and sample must be torch.Tensor")
         learned = self.config.variance_type in ("learned", "learned_range")
-        channels = sample.shape[1] if sample.dim() > 1 else None
         if model_output.shape == sample.shape and not learned:
             return model_output, None
-        if learned and channels is not None and model_output.shape == (sample.shape[0], 2 * channels, *sample.shape[2:]):
-            return model_output[:, :channels], model_output[:, channels:]
-        expected = "(B, 2C, ...) with the variance in the second half" if learned else "the shape of sample"
+        if sample.dim() > 1 and model_output.shape == (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]):
+            channels = sample.shape[1]
+            return model_output[:, :channels], (model_output[:, channels:] if learned else None)
+        expected = "(B, 2C, ...) with the variance in the second half" if learned else "the shape of sample (or (B, 2C, ...))"
         raise ValueError(
             f"model_output has shape {tuple(model_output.shape)}, but variance_type={self.config.variance_type!r} "
             f"expects {expected}; sample has shape {tuple(sample.shape)}"
