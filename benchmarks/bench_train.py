@@ -146,7 +146,7 @@ def build(args, device):
         x0 = next(ours_iter).to(accelerator.device, non_blocking=True)
         if args.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        t, eps = tu.step_noise(0, state["micro"], args.batch, shape, 1000, device=accelerator.device, dtype=x0.dtype)
+        t, eps, _ = tu.step_noise(0, state["micro"], args.batch, shape, 1000, device=accelerator.device, dtype=x0.dtype)
         loss, _ = tu.train_micro_step(accelerator, ours_model, ours_opt, ours_sched, x0, t, eps, max_grad_norm=1.0)
         ours_lr.step()
         ours_ema.update(accelerator.unwrap_model(ours_model))

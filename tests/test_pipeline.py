@@ -301,10 +301,22 @@ def test_bad_arguments(kwargs, exc, word):
 
 
 def test_variance_channels_must_match_scheduler():
-    with pytest.raises(ValueError, match="variance_type"):
-        scratch_pipe(tiny_unet(variance_type="learned"))(num_inference_steps=2)  # fixed_small scheduler
     with pytest.raises(ValueError, match="out_channels"):
         scratch_pipe(tiny_unet(), variance_type="learned_range")(num_inference_steps=2)
+
+
+def test_learned_variance_unet_sampled_with_a_fixed_variance():
+    """A 2C-channel UNet with a fixed_small scheduler: the variance half is ignored, as in a manual loop."""
+    unet = tiny_unet(variance_type="learned_range")
+    images = scratch_pipe(unet)(num_inference_steps=3, generator=gen(0), output_type="pt").images
+    sched = ScratchDDPMScheduler()
+    sched.set_timesteps(3)
+    g = gen(0)
+    x = torch.randn((1, 3, 8, 8), generator=g)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample[:, :3], t, x, generator=g).prev_sample
+    torch.testing.assert_close(images, (x / 2 + 0.5).clamp(0, 1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -213,10 +213,13 @@ def main(argv=None) -> int:
     )
     main_proc = accelerator.is_main_process
 
-    # Refuse to silently replace a finished model unless asked (checkpoints are never removed by this).
-    if (not args.overwrite_output_dir and not args.resume_from_checkpoint
+    # Refuse to silently replace a finished model unless asked (checkpoints are never removed by this), also
+    # when --resume_from_checkpoint finds nothing to resume from.
+    resume = tu.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if (not args.overwrite_output_dir and resume is None
             and os.path.exists(os.path.join(args.output_dir, "model_index.json"))):
-        raise ValueError(f"--output_dir {args.output_dir!r} already holds a trained pipeline; pass "
+        found = " and no complete checkpoint to resume from" if args.resume_from_checkpoint else ""
+        raise ValueError(f"--output_dir {args.output_dir!r} already holds a trained pipeline{found}; pass "
                          "--overwrite_output_dir to train into it, or --resume_from_checkpoint latest")
 
     # ---- data (before any model is built: a bad dataset costs seconds, not a model) ----
@@ -272,7 +275,6 @@ def main(argv=None) -> int:
     # ---- resume ----
     global_step = 0
     recent = []  # losses of the last (up to 100) optimizer steps, mean over all processes: the card's final loss
-    resume = tu.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume is None:
         logger.info("no complete checkpoint in %s; starting a new run", args.output_dir, main_process_only=True)
     if resume is not None:
@@ -413,7 +415,7 @@ def main(argv=None) -> int:
             num_inference_steps=args.ddpm_num_inference_steps, token=args.hub_token)
         if args.push_to_hub:
             commit = hub.push_folder(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token,
-                                     ignore_patterns=(*hub.DEFAULT_PUSH_IGNORE, ".deleting-*", ".deleting-*/**"))
+                                     ignore_patterns=hub.DEFAULT_PUSH_IGNORE)
             logger.info("pushed %s to %s", args.output_dir, commit)
         print(f"Done: {global_step} steps, final loss {final_loss:.4f}. Model in {os.path.abspath(args.output_dir)}; "
               f"load it with ScratchDDPMPipeline.from_pretrained({args.output_dir!r}) "

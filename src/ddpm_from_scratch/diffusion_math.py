@@ -17,6 +17,7 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")  # the model outputs (B, 2C, ...): prediction, variance
 # Ours beyond diffusers: Analytic-DPM's optimal variance (needs the per-timestep Gamma_t, see likelihood.py).
 SCHEDULER_VARIANCE_TYPES = VARIANCE_TYPES + ("analytic",)
 

@@ -31,7 +31,7 @@ import torch
 from . import diffusion_math as dm
 
 VARIANCE_CHOICES = dm.SCHEDULER_VARIANCE_TYPES
-LEARNED_VARIANCES = ("learned", "learned_range")
+LEARNED_VARIANCES = dm.LEARNED_VARIANCE_TYPES
 ANALYTIC_CONFIG_KEY = "analytic_gamma"
 _F64 = torch.float64
 _LN2 = math.log(2.0)
@@ -57,7 +57,10 @@ def visited_timesteps(scheduler, num_inference_steps: int | None = None) -> torc
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
         raise ValueError(f"num_inference_steps must be None or an integer in [1, num_train_timesteps={T}], "
                          f"got {num_inference_steps!r}")
-    probe = _plain_copy(scheduler)
+    from .scheduling_ddpm import ScratchDDPMScheduler
+
+    # our spacing even for a diffusers scheduler (its "trailing" can end in t = -1)
+    probe = ScratchDDPMScheduler.from_config(scheduler.config)
     probe.set_timesteps(num_inference_steps)
     return probe.timesteps.detach().cpu().long()
 
@@ -66,6 +69,10 @@ def chain(scheduler, timesteps: torch.Tensor, analytic_gamma=None) -> dict[str, 
     """Float64 (N,) tables of the reverse chain over ``timesteps`` (descending): dm.chain_tables plus
     ``timesteps``, ``is_last`` and, with analytic_gamma ((T,) Gamma_t), ``analytic_variance``."""
     timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+    T = int(scheduler.config.num_train_timesteps)
+    if timesteps.ndim != 1 or timesteps.numel() == 0 or bool((timesteps.diff() >= 0).any()) \
+            or int(timesteps.min()) < 0 or int(timesteps.max()) >= T:
+        raise ValueError(f"timesteps must be a strictly descending 1-D sequence in [0, {T - 1}], got {timesteps.tolist()[:8]}...")
     tab = dm.chain_tables(full_alphas_cumprod(scheduler)[timesteps])
     tab["timesteps"] = timesteps
     is_last = torch.zeros(len(timesteps), dtype=torch.bool)
@@ -91,18 +98,10 @@ def rows_at(tables: dict[str, torch.Tensor], index: torch.Tensor, ndim: int, dev
     return {k: v[index].view(shape).to(device) for k, v in tables.items() if k != "timesteps"}
 
 
-def _plain_copy(scheduler):
-    """A fresh scheduler of the same class and config, without the analytic_gamma entry (no config warning)."""
-    config = {k: v for k, v in dict(scheduler.config).items() if k != ANALYTIC_CONFIG_KEY}
-    return type(scheduler).from_config(config)
-
-
 def _check_gamma(gamma, num_train_timesteps: int) -> torch.Tensor:
-    g = torch.as_tensor(np.asarray(gamma, dtype=np.float64))
-    if g.ndim != 1 or g.shape[0] != num_train_timesteps or not bool(torch.isfinite(g).all()):
-        raise ValueError(f"analytic_gamma must be a finite 1-D sequence of num_train_timesteps={num_train_timesteps} "
-                         f"values, got shape {tuple(g.shape)}")
-    return g
+    from .scheduling_ddpm import check_analytic_gamma
+
+    return torch.from_numpy(check_analytic_gamma(gamma, num_train_timesteps))
 
 
 def _check_variance_type(variance_type: str) -> None:
@@ -114,27 +113,18 @@ def _check_variance_type(variance_type: str) -> None:
 # p_theta(x_{t-1} | x_t) and the terms of the bound
 # ----------------------------------------------------------------------------------------------
 def split_model_output(model_output: torch.Tensor, channels: int, variance_type: str):
-    """(prediction (B, C, ...), variance output (B, C, ...) or None). A 2C output under a fixed variance type
-    keeps its first half (a learned-variance model evaluated with a fixed variance)."""
+    """(prediction (B, C, ...), variance output (B, C, ...) or None); see scheduling_ddpm.split_model_output."""
+    from .scheduling_ddpm import split_model_output as split
+
     _check_variance_type(variance_type)
-    if model_output.shape[1] == 2 * channels:
-        pred, var = model_output[:, :channels], model_output[:, channels:]
-        return pred, (var if variance_type in LEARNED_VARIANCES else None)
-    if variance_type in LEARNED_VARIANCES or model_output.shape[1] != channels:
-        raise ValueError(f"model output has {model_output.shape[1]} channels; variance_type={variance_type!r} with "
-                         f"{channels}-channel samples needs {2 * channels if variance_type in LEARNED_VARIANCES else channels}")
-    return model_output, None
+    return split(model_output, channels, variance_type)
 
 
 def clip_x0(x0: torch.Tensor, config) -> torch.Tensor:
-    """The scheduler's x_0 post-processing (dynamic thresholding or clipping to clip_sample_range), per its config."""
-    if config is None:
-        return x0
-    if getattr(config, "thresholding", False):
-        return dm.dynamic_threshold(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
-    if getattr(config, "clip_sample", False):
-        return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
-    return x0
+    """The scheduler's x_0 post-processing per its config (None: no clipping)."""
+    from .scheduling_ddpm import clip_predicted_x0
+
+    return x0 if config is None else clip_predicted_x0(x0, config)
 
 
 def p_mean_log_variance(model_output, x_t, rows, *, prediction_type: str, variance_type: str, clip_config=None):
@@ -369,13 +359,12 @@ def estimate_analytic_gamma(unet, scheduler, images: torch.Tensor, timesteps=Non
 
 
 def with_analytic_variance(scheduler, analytic_gamma):
-    """A copy of ``scheduler`` whose config carries ``analytic_gamma`` ((T,) list), saved by save_pretrained and read
-    by bits_per_dim / sample_images with variance_type='analytic'. (Until the scheduler declares the key, reloading
-    logs that it is unexpected but keeps it in ``config``.)"""
+    """A ScratchDDPMScheduler with ``scheduler``'s config plus ``analytic_gamma`` ((T,) list): saved by
+    save_pretrained, used by step / bits_per_dim / sample_images with variance_type='analytic'."""
+    from .scheduling_ddpm import ScratchDDPMScheduler
+
     gamma = _check_gamma(analytic_gamma, int(scheduler.config.num_train_timesteps))
-    new = _plain_copy(scheduler)
-    new.register_to_config(**{ANALYTIC_CONFIG_KEY: [float(g) for g in gamma.tolist()]})
-    return new
+    return ScratchDDPMScheduler.from_config(scheduler.config, **{ANALYTIC_CONFIG_KEY: gamma.tolist()})
 
 
 # ----------------------------------------------------------------------------------------------

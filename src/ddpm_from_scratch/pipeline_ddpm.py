@@ -28,12 +28,13 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from PIL import Image
 
+from . import diffusion_math as dm
 from . import scheduling_ddpm
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+LEARNED_VARIANCE_TYPES = dm.LEARNED_VARIANCE_TYPES
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _PICKLE_PATTERNS = [f"*{s}" for s in PICKLE_SUFFIXES]
 _FOREIGN_PATTERNS = ["*.msgpack", "*.onnx", "*.pb", "*.h5", "*.ot", "*.gguf"]
@@ -76,7 +77,7 @@ def _check_generator(generator, batch_size: int) -> None:
 
 
 def _check_variance_output(unet_config, scheduler_config) -> None:
-    """The UNet's extra variance channels and the scheduler's variance_type must agree."""
+    """A learned variance_type needs the UNet's extra variance channels."""
     in_ch, out_ch = unet_config.in_channels, unet_config.out_channels
     variance_type = getattr(scheduler_config, "variance_type", None)
     learned = variance_type in LEARNED_VARIANCE_TYPES
@@ -85,11 +86,8 @@ def _check_variance_output(unet_config, scheduler_config) -> None:
             f"scheduler.config.variance_type={variance_type!r} needs a UNet with out_channels = 2 * in_channels "
             f"= {2 * in_ch}, got out_channels={out_ch}"
         )
-    if out_ch == 2 * in_ch and variance_type is not None and not learned:
-        raise ValueError(
-            f"the UNet outputs 2 * in_channels = {out_ch} channels (a learned variance) but "
-            f"scheduler.config.variance_type={variance_type!r}; use one of {list(LEARNED_VARIANCE_TYPES)}"
-        )
+    # out_ch == 2 * in_ch with a fixed variance: a learned-variance UNet sampled with a fixed variance (the
+    # scheduler ignores the variance half).
     if out_ch not in (in_ch, 2 * in_ch):
         raise ValueError(f"unet out_channels={out_ch} must equal in_channels={in_ch} (or twice it for a learned variance)")
 

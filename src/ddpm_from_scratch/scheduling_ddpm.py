@@ -93,6 +93,41 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
     return np.ascontiguousarray(ts, dtype=np.int64)
 
 
+def check_analytic_gamma(gamma, num_train_timesteps: int) -> np.ndarray:
+    """Gamma_t = E||eps_theta(x_t, t)||^2 / d for t = 0..T-1 as float64 (T,), or a ValueError."""
+    g = np.asarray(gamma, dtype=np.float64)
+    if g.shape != (num_train_timesteps,) or not np.all(np.isfinite(g)):
+        raise ValueError(
+            f"analytic_gamma must be a finite 1-D sequence of num_train_timesteps={num_train_timesteps} values "
+            f"(E||eps_theta(x_t, t)||^2 / d per t; see likelihood.estimate_analytic_gamma), got shape {g.shape}"
+        )
+    return g
+
+
+def split_model_output(model_output: torch.Tensor, channels: int, variance_type: str):
+    """(prediction (B, C, ...), variance output (B, C, ...) or None) of a (B, C or 2C, ...) model output.
+
+    A 2C output under a fixed variance type is a learned-variance model sampled with a fixed variance: its
+    variance half is ignored. A learned variance type needs the 2C output."""
+    learned = variance_type in dm.LEARNED_VARIANCE_TYPES
+    if model_output.shape[1] == 2 * channels:
+        return model_output[:, :channels], (model_output[:, channels:] if learned else None)
+    if learned or model_output.shape[1] != channels:
+        expected = f"2C = {2 * channels} channels (prediction, variance)" if learned else f"C = {channels} (or 2C = {2 * channels})"
+        raise ValueError(f"model_output has {model_output.shape[1]} channels; variance_type={variance_type!r} with "
+                         f"{channels}-channel samples needs {expected}")
+    return model_output, None
+
+
+def clip_predicted_x0(x0: torch.Tensor, config) -> torch.Tensor:
+    """Dynamic thresholding or static clipping of a predicted x_0, as the scheduler ``config`` asks."""
+    if config.thresholding:
+        return dm.dynamic_threshold(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+    if config.clip_sample:
+        return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    return x0
+
+
 def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """Host tensor -> device without blocking the host: through pinned memory, non_blocking, for CUDA."""
     device = torch.device(device)
@@ -170,14 +205,8 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         if not _is_int(c.num_train_timesteps) or c.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {c.num_train_timesteps!r}")
         _choice("variance_type", c.variance_type, dm.SCHEDULER_VARIANCE_TYPES)
-        gamma = c.get("analytic_gamma")
-        if gamma is not None:
-            gamma = np.asarray(gamma, dtype=np.float64)
-            if gamma.shape != (c.num_train_timesteps,) or not np.all(np.isfinite(gamma)):
-                raise ValueError(
-                    f"analytic_gamma must be a finite 1-D sequence of num_train_timesteps={c.num_train_timesteps} "
-                    f"values (E||eps_theta(x_t, t)||^2 / d per t; see likelihood.estimate_analytic_gamma), got shape {gamma.shape}"
-                )
+        if c.get("analytic_gamma") is not None:
+            check_analytic_gamma(c.analytic_gamma, c.num_train_timesteps)
         elif c.variance_type == "analytic":
             raise ValueError(
                 "variance_type='analytic' needs analytic_gamma (estimate it with "
@@ -394,33 +423,19 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         return ScratchDDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
     def _split_variance(self, model_output: torch.Tensor, sample: torch.Tensor):
-        """(prediction, variance output or None), checking the model output's shape.
-
-        A (B, 2C, ...) output under a fixed variance type is a learned-variance model sampled with a fixed
-        variance: its variance half is ignored.
-        """
+        """(prediction, variance output or None), checking the model output's shape against the sample's."""
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
             raise TypeError("model_output and sample must be torch.Tensor")
-        learned = self.config.variance_type in ("learned", "learned_range")
-        if model_output.shape == sample.shape and not learned:
-            return model_output, None
-        if sample.dim() > 1 and model_output.shape == (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]):
-            channels = sample.shape[1]
-            return model_output[:, :channels], (model_output[:, channels:] if learned else None)
-        expected = "(B, 2C, ...) with the variance in the second half" if learned else "the shape of sample (or (B, 2C, ...))"
-        raise ValueError(
-            f"model_output has shape {tuple(model_output.shape)}, but variance_type={self.config.variance_type!r} "
-            f"expects {expected}; sample has shape {tuple(sample.shape)}"
-        )
+        if sample.dim() < 2 or model_output.shape[:1] + model_output.shape[2:] != sample.shape[:1] + sample.shape[2:]:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)}, but sample has shape {tuple(sample.shape)}: "
+                f"model_output must have the shape of sample except for the channels (C, or 2C with a variance output)"
+            )
+        return split_model_output(model_output, sample.shape[1], self.config.variance_type)
 
     def _clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding or static clipping of the predicted x_0, read from the config at call time."""
-        cfg = self.config
-        if cfg.thresholding:
-            return dm.dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-        if cfg.clip_sample:
-            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        return x0
+        return clip_predicted_x0(x0, self.config)
 
     def _std(self, c, model_var):
         """sigma_t for the configured variance_type; zero on the last step."""

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 
 import numpy as np
 import torch
@@ -256,6 +257,25 @@ def _fsync_tree(root: str) -> None:
             os.close(fd)
 
 
+DELETING_PREFIX = ".deleting-"
+
+
+def _discard_dir(path: str) -> None:
+    """Remove a folder so that a kill at any moment never leaves a half-deleted folder under its name: rename it
+    to a unique ``.deleting-*`` name first (sweep_discarded removes leftovers of killed runs)."""
+    doomed = os.path.join(os.path.dirname(path), f"{DELETING_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sweep_discarded(output_dir: str) -> None:
+    """Finish deletions that a killed run left as ``.deleting-*`` folders."""
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith(DELETING_PREFIX):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
 def prune_checkpoints(output_dir: str, total_limit: int | None, keep: str | None = None) -> list[str]:
     """Deletes the oldest complete checkpoints so that at most ``total_limit`` remain (``keep`` always stays);
     temp dirs and foreign files are never touched. Returns the removed paths."""
@@ -269,10 +289,7 @@ def prune_checkpoints(output_dir: str, total_limit: int | None, keep: str | None
     for path in excess:
         if keep is not None and os.path.abspath(path) == os.path.abspath(keep):
             continue
-        # rename first so that a kill during rmtree never leaves a half-deleted dir under a checkpoint name
-        doomed = os.path.join(output_dir, f".deleting-{os.path.basename(path)}")
-        os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _discard_dir(path)
         removed.append(path)
     return removed
 
@@ -285,6 +302,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
     tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
+        sweep_discarded(output_dir)
         if os.path.exists(tmp):  # left by a run killed while saving this same step
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
@@ -296,7 +314,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
         _fsync_tree(tmp)
         _pause_point("during_save", step)
         if os.path.exists(final):  # re-saving a step (e.g. a resumed run ends on it): swap, never lose both
-            old = os.path.join(output_dir, f".deleting-checkpoint-{step}")
+            old = os.path.join(output_dir, f"{DELETING_PREFIX}checkpoint-{step}-{uuid.uuid4().hex[:8]}")
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -25,9 +25,10 @@ from dataclasses import dataclass, fields, replace
 import torch
 from diffusers import UNet2DModel
 
+from . import diffusion_math as dm
 from .diffusion_math import VARIANCE_TYPES
 
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+LEARNED_VARIANCE_TYPES = dm.LEARNED_VARIANCE_TYPES
 
 
 @dataclass(frozen=True)
