@@ -163,3 +163,15 @@ def test_training_loss_with_sampler_weights_and_updates():
     out = losses.training_loss(model, sched, x0, loss_type="vlb", timestep_sampler=sampler, generator=gen)
     w = 1 / (10 * probs[out["timesteps"]])
     torch.testing.assert_close(out["per_sample"], out["vlb"] * w.float())
+
+
+def test_min_snr_weight_closed_form_and_zero_terminal_snr():
+    """w = min(snr, gamma) / snr (eps), min(snr, gamma) (x_0), min(snr, gamma) / (snr + 1) (v); at snr = 0
+    (zero terminal SNR) the epsilon weight is its limit 1, not 0/0."""
+    from ddpm_from_scratch.losses import min_snr_weight
+
+    snr = torch.tensor([0.0, 1.0, 10.0], dtype=torch.float64)
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "sample"), torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v_prediction"),
+                               torch.tensor([0.0, 0.5, 5.0 / 11.0], dtype=torch.float64))

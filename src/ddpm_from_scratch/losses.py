@@ -13,22 +13,22 @@ def uniform_timesteps(batch_size: int, num_train_timesteps: int, device=None, ge
     return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator, dtype=torch.long)
 
 
-def simple_target(prediction_type: str, x_start, noise, sqrt_abar, sqrt_one_minus_abar):
-    """What the network regresses: eps (Eq. 14), x_0, or v."""
+def simple_target(prediction_type: str, scheduler, x_start, noise, timesteps):
+    """What the network regresses: eps (Eq. 14), x_0, or v = sqrt(abar) eps - sqrt(1 - abar) x_0."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "sample":
         return x_start
     if prediction_type == "v_prediction":
-        return dm.velocity(x_start, noise, sqrt_abar, sqrt_one_minus_abar)
+        return scheduler.get_velocity(x_start, noise, timesteps)
     raise ValueError(f"prediction_type must be one of {list(dm.PREDICTION_TYPES)}, got {prediction_type!r}")
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weight (Hang et al. 2023, Eq. 9) expressed for the chosen regression target."""
     clipped = torch.clamp(snr, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
+    if prediction_type == "epsilon":  # min(snr, gamma) / snr, whose limit at snr = 0 (zero terminal SNR) is 1
+        return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
     if prediction_type == "sample":
         return clipped
     if prediction_type == "v_prediction":
@@ -129,7 +129,8 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
     Draws t ~ U{0..T-1} (or from ``timestep_sampler``) and eps ~ N(0, I) unless given, forms x_t by the forward
     closed form (Eq. 4), runs ``model(x_t, t).sample`` and returns a dict with ``loss`` (scalar mean, what to
     backpropagate), ``per_sample`` (B,) and ``timesteps`` (B,); with vlb/hybrid also ``vlb`` (B,), the detached
-    bound term in bits/dim (likelihood.vb_terms, the same term bits_per_dim sums).
+    bound term in bits/dim (likelihood.vb_terms; as in Improved DDPM the training term uses the unclipped x_0
+    prediction, while bits_per_dim applies the scheduler's clip_sample / thresholding like sampling does).
 
     loss_type: "simple" = MSE on the prediction target (Eq. 14; x_0 / v per prediction_type), optionally min-SNR
     weighted (``snr_gamma``); "vlb" = the bound's term L_t at t (L_{t-1} KL, decoder NLL at t = 0), bits/dim;
@@ -158,17 +159,14 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
             timesteps = uniform_timesteps(batch, cfg.num_train_timesteps, device=x_start.device, generator=generator)
     if noise is None:
         noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
-    abar = scheduler.alphas_cumprod.to(device=x_start.device, dtype=torch.float32)[timesteps]
-    shape = (batch,) + (1,) * (x_start.dim() - 1)
-    sqrt_abar = abar.sqrt().view(shape).to(x_start.dtype)
-    sqrt_one_minus = (1.0 - abar).sqrt().view(shape).to(x_start.dtype)
-    x_t = dm.q_sample(x_start, noise, sqrt_abar, sqrt_one_minus)
+    x_t = scheduler.add_noise(x_start, noise, timesteps)  # Eq. 4, from the scheduler's cached device table
     model_output = model(x_t, timesteps).sample
     channels = x_start.shape[1]
     prediction = model_output[:, :channels] if model_output.shape[1] == 2 * channels else model_output
-    target = simple_target(cfg.prediction_type, x_start, noise, sqrt_abar, sqrt_one_minus)
+    target = simple_target(cfg.prediction_type, scheduler, x_start, noise, timesteps)
     mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, x_start.dim())))
     if snr_gamma is not None:
+        abar = scheduler.alphas_cumprod.to(device=x_start.device, dtype=torch.float32)[timesteps]
         mse = mse * min_snr_weight(abar / (1.0 - abar), snr_gamma, cfg.prediction_type)
     vlb = None
     if loss_type in ("vlb", "hybrid"):
