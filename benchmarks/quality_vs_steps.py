@@ -21,7 +21,7 @@ import torch
 
 from ddpm_from_scratch import likelihood
 from ddpm_from_scratch.cli import load_model
-from ddpm_from_scratch.metrics import compute_features, digits_feature_extractor, digits_images, frechet_distance_features
+from ddpm_from_scratch.metrics import compute_features, digits_feature_extractor, digits_for_unet, frechet_distance_features
 
 
 def parse_args(argv=None):
@@ -44,9 +44,7 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     unet, sched = load_model(args.model, args.device)
-    size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    held_out, _ = digits_images(size, "test")
-    train, _ = digits_images(size, "train")
+    held_out, train = digits_for_unet(unet, "test"), digits_for_unet(unet, "train")
     eval_images = held_out[: args.num_eval_images] if args.num_eval_images else held_out
     extractor = digits_feature_extractor(device=args.device)
     real_feats = compute_features(extractor, held_out)

@@ -67,7 +67,7 @@ def test_kid_unbiased_mmd_matches_the_definition_and_is_unbiased():
     assert mean > 5 * max(std, 1e-12) / np.sqrt(10)
 
 
-def test_shipped_digits_classifier_is_accurate_on_held_out_digits():
+def test_shipped_digits_classifier_is_accurate_on_digits_for_unet():
     net = M.load_digits_classifier()
     x, y = M.digits_images(8, "test")
     from ddpm_from_scratch.data import digits_split_indices

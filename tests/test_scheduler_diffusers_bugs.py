@@ -103,3 +103,26 @@ def test_learned_variance_is_a_log_variance():
     ours.set_timesteps(10)
     prev = ours.step(out, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     assert prev.std().item() == pytest.approx(0.5, rel=0.05)  # sigma = exp(0.5 log 0.25)
+
+
+def test_no_noise_on_the_last_step_even_when_it_starts_above_t0():
+    """Algorithm 2 adds no noise on the step to x_0. With 'leading' spacing and steps_offset=1 (Stable Diffusion's
+    config) the last visited timestep is t=1; diffusers decides by `t > 0` and adds noise there (fixed_large:
+    std sqrt(1 - abar_1)), so its final images are noisy and its generator is one draw further along. Ours returns
+    the posterior mean, which on the last step is the predicted x_0."""
+    x, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for cls in (DDPMScheduler, ScratchDDPMScheduler):
+        s = cls(variance_type="fixed_large", steps_offset=1)
+        s.set_timesteps(10)
+        assert s.timesteps[-1].item() == 1
+    ref = DDPMScheduler(variance_type="fixed_large", steps_offset=1)
+    ref.set_timesteps(10)
+    out = ref.step(eps, ref.timesteps[-1], x, generator=torch.Generator().manual_seed(0))
+    assert (out.prev_sample - out.pred_original_sample).abs().max().item() > 1e-3  # noise added to x_0
+
+    ours = ScratchDDPMScheduler(variance_type="fixed_large", steps_offset=1)
+    ours.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    mine = ours.step(eps, ours.timesteps[-1], x, generator=g)
+    torch.testing.assert_close(mine.prev_sample, mine.pred_original_sample)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # no draw

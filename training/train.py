@@ -171,11 +171,6 @@ def parse_args(argv=None):
     return args
 
 
-def public_args(args) -> dict:
-    """The training arguments without secrets (for the model card, TensorBoard and run_info.json)."""
-    return {k: v for k, v in sorted(vars(args).items()) if "token" not in k}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
 
@@ -195,6 +190,7 @@ def main(argv=None) -> int:
     from ddpm_from_scratch import ScratchDDPMScheduler
     from ddpm_from_scratch import train_utils as tu
     from ddpm_from_scratch.data import PositionBatchSampler, build_training_data
+    from ddpm_from_scratch.hub import public_training_args
     from ddpm_from_scratch.unet_presets import PRESETS, build_unet
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -299,7 +295,7 @@ def main(argv=None) -> int:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.logger != "none":
             accelerator.init_trackers("train", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                       for k, v in public_args(args).items()})
+                                                       for k, v in public_training_args(args).items()})
         run_info = {"distributed_type": str(accelerator.distributed_type), "num_processes": world,
                     "train_batch_size": per_proc, "global_batch": global_batch,
                     "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_train_steps": max_steps,
@@ -402,13 +398,15 @@ def main(argv=None) -> int:
             logger.info("held-out bits/dim %.4f%s", report["bits_per_dim"],
                         f", FDD {report['fdd']:.3f}" if "fdd" in report else "", main_process_only=True)
         run_info.update(final_step=global_step, final_loss=final_loss, last_losses=recent, ema=ema is not None)
-        with open(os.path.join(args.output_dir, "run_info.json"), "w") as f:
+        info_path = os.path.join(args.output_dir, "run_info.json")
+        with open(info_path + ".tmp", "w") as f:
             json.dump(run_info, f, indent=2)
+        os.replace(info_path + ".tmp", info_path)
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
         hub.write_model_card(
             args.output_dir, repo_id=repo_id if args.push_to_hub else None, sample_grid="samples.png",
             dataset_name=source if source != "sklearn-digits" else "scikit-learn digits (sklearn.datasets.load_digits)",
-            training_args=public_args(args), metrics=card_metrics,
+            training_args=public_training_args(args), metrics=card_metrics,
             details={"UNet preset": args.unet_preset, "resolution": resolution, "channels": prepared.channels,
                      "training steps": global_step, "global batch": global_batch * args.gradient_accumulation_steps,
                      "EMA weights": ema is not None},

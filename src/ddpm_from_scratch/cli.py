@@ -26,11 +26,9 @@ def load_model(folder: str, device=None):
     """(unet, scheduler) from a saved pipeline folder (ScratchDDPMPipeline, else the unet/ + scheduler/ subfolders)."""
     if not os.path.isdir(folder):
         raise ValueError(f"--model {folder!r} is not a folder (expected a saved pipeline with unet/ and scheduler/)")
-    try:
-        from .pipeline_ddpm import ScratchDDPMPipeline
-    except ImportError:
-        ScratchDDPMPipeline = None
-    if ScratchDDPMPipeline is not None and os.path.isfile(os.path.join(folder, "model_index.json")):
+    from .pipeline_ddpm import ScratchDDPMPipeline
+
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
         pipe = ScratchDDPMPipeline.from_pretrained(folder)
         unet, scheduler = pipe.unet, pipe.scheduler
     else:
@@ -44,20 +42,10 @@ def load_model(folder: str, device=None):
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None):
-    """(N, C, H, W) in [-1, 1] -> one PIL image, rows of nrow tiles separated by 1 px."""
-    from PIL import Image
+    """(N, C, H, W) in [-1, 1] -> one PIL image (train_utils.image_grid with 1 px gaps)."""
+    from .train_utils import image_grid as grid
 
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    ncol = int(math.ceil(n / nrow))
-    grid = np.zeros((ncol * (h + 1) + 1, nrow * (w + 1) + 1, c), dtype=np.uint8)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, p in enumerate(pixels):
-        r, col = divmod(i, nrow)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = p
-    if c == 1:
-        return Image.fromarray(grid[..., 0], mode="L")
-    return Image.fromarray(grid[..., :3] if c >= 3 else grid[..., 0])
+    return grid(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy(), nrow=nrow, pad=1)
 
 
 def save_atomically(image, path: str) -> None:
@@ -143,13 +131,10 @@ def evaluate(args) -> dict:
 
 def estimate_variance(args) -> str:
     """Gamma_t by Monte Carlo over train digits, written into <model>/scheduler/scheduler_config.json atomically."""
-    from .metrics import digits_images
+    from .metrics import digits_for_unet
 
     unet, scheduler = load_model(args.model, args.device)
-    size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    images, _ = digits_images(size, "train")
-    if unet.config.in_channels != 1:
-        images = images.expand(-1, unet.config.in_channels, -1, -1).contiguous()
+    images = digits_for_unet(unet, "train")
     gamma = likelihood.estimate_analytic_gamma(unet, scheduler, images[: args.num_images], batch_size=args.batch_size,
                                                generator=torch.Generator().manual_seed(args.seed),
                                                progress=not args.no_progress)

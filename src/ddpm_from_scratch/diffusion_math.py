@@ -206,11 +206,6 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
 
-def standard_normal_cdf(x):
-    """Phi(x), exact (no tanh approximation)."""
-    return torch.special.ndtr(x)
-
-
 def discretized_gaussian_log_likelihood(x, mean, log_scale, num_bins: int = 256):
     """log P(x) for x on a grid of num_bins values in [-1, 1] under N(mean, e^{2 log_scale}) (Eq. 13).
 
@@ -228,7 +223,7 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, num_bins: int = 256)
     log_sf_lower = torch.special.log_ndtr(-lower)
     mid = torch.where(
         lower > 0,
-        torch.special.log_ndtr(-lower) + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - torch.special.log_ndtr(-lower))),
+        log_sf_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_sf_lower)),
         log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper)),
     )
     edge = 1.0 - 1e-9

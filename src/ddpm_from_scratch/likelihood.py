@@ -384,32 +384,22 @@ def sampling_scheduler(scheduler, variance_type=None, analytic_gamma=None):
 
 @torch.no_grad()
 def sample_images(unet, scheduler, num_images: int, num_inference_steps: int | None = None, *, variance_type=None,
-                  analytic_gamma=None, sample_shape=None, batch_size: int = 64, generator: torch.Generator | None = None,
-                  device=None, progress: bool = False) -> torch.Tensor:
-    """Draw num_images (N, C, H, W) float32 samples (Algorithm 2) with the reverse variance of ``variance_type``
-    (incl. 'analytic'), stepping ScratchDDPMScheduler. Noise comes from ``generator`` in the order diffusers'
-    pipelines draw it: the initial x_T, then one z per step except the last.
-    sample_shape: (C, H, W); default from ``unet.config`` (in_channels, sample_size)."""
+                  analytic_gamma=None, batch_size: int = 64, generator: torch.Generator | None = None,
+                  progress: bool = False) -> torch.Tensor:
+    """Draw num_images (N, C, H, W) float32 samples in [-1, 1] (Algorithm 2) with the reverse variance of
+    ``variance_type`` (incl. 'analytic'): ScratchDDPMPipeline in batches of ``batch_size`` on the UNet's device,
+    noise from ``generator`` (the initial x_T, then one z per step except the last)."""
+    from .pipeline_ddpm import ScratchDDPMPipeline
+
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     sched = sampling_scheduler(scheduler, variance_type, analytic_gamma)
-    sched.set_timesteps(num_inference_steps or int(sched.config.num_train_timesteps))
-    device, dtype = _model_device_dtype(unet, device)
-    if sample_shape is None:
-        size = unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        sample_shape = (unet.config.in_channels, *size)
+    pipe = ScratchDDPMPipeline(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=not progress)
+    steps = num_inference_steps or int(sched.config.num_train_timesteps)
     results = []
-    bar = _progress(len(sched.timesteps) * math.ceil(num_images / batch_size), progress, "sampling")
     for start in range(0, num_images, batch_size):
         b = min(batch_size, num_images - start)
-        x = torch.randn((b, *sample_shape), generator=generator, dtype=torch.float32).to(device)
-        for t in sched.timesteps:
-            out = call_model(unet, x, torch.full((b,), int(t), dtype=torch.long, device=device), dtype)
-            x = sched.step(out.float(), int(t), x, generator=generator).prev_sample
-            if bar is not None:
-                bar.update(1)
-        results.append(x.float().cpu())
-    if bar is not None:
-        bar.close()
+        images = pipe(batch_size=b, generator=generator, num_inference_steps=steps, output_type="pt").images
+        results.append(images.float().cpu() * 2.0 - 1.0)
     return torch.cat(results)

@@ -283,10 +283,11 @@ def inception_feature_extractor(device=None) -> Callable[[torch.Tensor], torch.T
     return extract
 
 
-def held_out_digits(unet) -> torch.Tensor:
-    """The 359 held-out digits (test split) shaped for ``unet`` (its sample_size, in_channels), in [-1, 1]."""
+def digits_for_unet(unet, split: str = "test") -> torch.Tensor:
+    """The digits of ``split`` (default: the 359 held out) shaped for ``unet`` (its sample_size, in_channels),
+    in [-1, 1]."""
     size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    images, _ = digits_images(size, "test")
+    images, _ = digits_images(size, split)
     if unet.config.in_channels != 1:
         images = images.expand(-1, unet.config.in_channels, -1, -1).contiguous()
     return images
@@ -298,7 +299,7 @@ def digits_report(unet, scheduler, *, num_inference_steps=None, num_images=None,
     samples to them. Returns BoundResult.to_dict() (+ num_images, fdd, num_samples)."""
     from . import likelihood
 
-    images = held_out_digits(unet)
+    images = digits_for_unet(unet)
     if num_images is not None:
         images = images[:num_images]
     bound = likelihood.bits_per_dim(unet, scheduler, images, num_inference_steps=num_inference_steps,
@@ -310,6 +311,6 @@ def digits_report(unet, scheduler, *, num_inference_steps=None, num_images=None,
         samples = likelihood.sample_images(unet, scheduler, num_samples, num_inference_steps,
                                            variance_type=variance_type, batch_size=batch_size, generator=generator,
                                            progress=progress)
-        out["fdd"] = frechet_distance_images(held_out_digits(unet), samples)
+        out["fdd"] = frechet_distance_images(digits_for_unet(unet), samples)
         out["num_samples"] = int(num_samples)
     return out
