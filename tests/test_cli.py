@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 def test_evaluate_reports_the_library_bound(model_dir, tmp_path, capsys):
     folder, unet, sched = model_dir
     out_json = tmp_path / "r.json"
-    res = cli.main(["evaluate", "--model", folder, "--num_images", "6", "--steps", "5", "--device", "cpu",
+    res = cli.run(["evaluate", "--model", folder, "--num_images", "6", "--steps", "5", "--device", "cpu",
                     "--seed", "3", "--json", str(out_json), "--no_progress"])
     images, _ = digits_images(8, "test")
     expected = L.bits_per_dim(unet, sched, images[:6], num_inference_steps=5, batch_size=128,
@@ -44,7 +44,7 @@ def test_evaluate_reports_the_library_bound(model_dir, tmp_path, capsys):
 
 def test_evaluate_with_fdd(model_dir):
     folder, _, _ = model_dir
-    res = cli.main(["evaluate", "--model", folder, "--num_images", "4", "--steps", "3", "--device", "cpu",
+    res = cli.run(["evaluate", "--model", folder, "--num_images", "4", "--steps", "3", "--device", "cpu",
                     "--fdd", "--num_samples", "140", "--no_progress"])
     assert res["fdd"] > 0 and res["num_samples"] == 140
 
@@ -94,3 +94,20 @@ def test_estimate_variance_stores_gamma_and_enables_analytic_sampling(model_dir,
     cli.main(["sample", "--model", folder, "--num_images", "4", "--steps", "5", "--variance_type", "analytic",
               "--out", str(out), "--device", "cpu", "--no_progress"])
     assert out.exists()
+
+
+def test_console_entry_point_exits_zero(model_dir, tmp_path):
+    """The installed `ddpm-from-scratch` command, run for real: status 0 on success, 2 with a message on bad input."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("ddpm-from-scratch")
+    assert exe is not None, "the console script is not installed (pip install -e .)"
+    out = tmp_path / "grid.png"
+    ok = subprocess.run([exe, "sample", "--model", model_dir[0], "--num_images", "2", "--steps", "2", "--out", str(out),
+                         "--device", "cpu", "--no_progress"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert out.exists()
+    bad = subprocess.run([exe, "sample", "--model", str(tmp_path / "missing"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--model" in bad.stderr

@@ -160,7 +160,9 @@ def sample(args) -> str:
     return args.out
 
 
-def main(argv=None):
+def run(argv=None):
+    """Parse ``argv`` and run the subcommand; returns its result (evaluate: dict, sample/estimate-variance: a path).
+    Bad input exits with status 2 and a message."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "evaluate":
@@ -173,5 +175,11 @@ def main(argv=None):
         raise SystemExit(2) from err
 
 
+def main(argv=None) -> int:
+    """Console entry point ``ddpm-from-scratch``: exit status 0 on success."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
