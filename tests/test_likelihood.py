@@ -178,7 +178,7 @@ def _exact_reverse_variance(abar_t, abar_prev, s):
 
 
 def test_analytic_variance_formula_with_exact_gamma_is_the_true_reverse_variance():
-    m, s = 0.2, 0.4
+    s = 0.4  # the data std (its mean does not enter the reverse variance)
     sched = ScratchDDPMScheduler(num_train_timesteps=1000)
     abar = sched.tables["abar"]
     gamma = (1 - abar) / (abar * s**2 + 1 - abar)  # E||E[eps|x_t]||^2 / d for Gaussian data

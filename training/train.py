@@ -23,7 +23,6 @@ if "OMP_NUM_THREADS" not in os.environ:
 os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -384,24 +383,13 @@ def main(argv=None) -> int:
         exported = tu.export_pipeline(accelerator.unwrap_model(unet), noise_scheduler, args.output_dir, ema)
         card_metrics = {"loss": final_loss}
         if args.eval_at_end:
-            from ddpm_from_scratch.metrics import digits_report
-
-            steps = args.ddpm_num_inference_steps
-            report = digits_report(exported.unet.eval(), noise_scheduler,
-                                   num_inference_steps=None if steps >= args.ddpm_num_steps else steps,
-                                   num_samples=args.eval_num_samples, batch_size=args.eval_batch_size,
-                                   generator=torch.Generator().manual_seed(args.seed), progress=True)
-            card_metrics["bits/dim (held-out digits)"] = report["bits_per_dim"]
-            if "fdd" in report:
-                card_metrics[f"FDD ({report['num_samples']} samples, {report['num_steps']} steps)"] = report["fdd"]
-            run_info["eval"] = {k: v for k, v in report.items() if k not in ("timesteps", "terms_bpd")}
-            logger.info("held-out bits/dim %.4f%s", report["bits_per_dim"],
-                        f", FDD {report['fdd']:.3f}" if "fdd" in report else "", main_process_only=True)
+            eval_metrics, run_info["eval"] = tu.evaluate_for_card(
+                exported.unet, noise_scheduler, num_inference_steps=args.ddpm_num_inference_steps,
+                num_samples=args.eval_num_samples, batch_size=args.eval_batch_size, seed=args.seed)
+            card_metrics.update(eval_metrics)
+            logger.info("held-out evaluation: %s", eval_metrics, main_process_only=True)
         run_info.update(final_step=global_step, final_loss=final_loss, last_losses=recent, ema=ema is not None)
-        info_path = os.path.join(args.output_dir, "run_info.json")
-        with open(info_path + ".tmp", "w") as f:
-            json.dump(run_info, f, indent=2)
-        os.replace(info_path + ".tmp", info_path)
+        tu.write_json_atomically(os.path.join(args.output_dir, "run_info.json"), run_info)
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(args.output_dir)))
         hub.write_model_card(
             args.output_dir, repo_id=repo_id if args.push_to_hub else None, sample_grid="samples.png",

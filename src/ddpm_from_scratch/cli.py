@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
-import numpy as np
 import torch
 
 from . import likelihood

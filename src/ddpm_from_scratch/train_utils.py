@@ -401,6 +401,27 @@ def ema_model_copy(unet: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
     return model
 
 
+def write_json_atomically(path: str, obj) -> None:
+    """json.dump via a temporary file + rename: a crash never leaves a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def evaluate_for_card(unet, scheduler, *, num_inference_steps: int, num_samples: int, batch_size: int, seed: int):
+    """metrics.digits_report on the held-out digits -> (model-card metrics {label: value}, summary for run_info)."""
+    from .metrics import digits_report
+
+    T = int(scheduler.config.num_train_timesteps)
+    report = digits_report(unet.eval(), scheduler, num_inference_steps=None if num_inference_steps >= T else num_inference_steps,
+                           num_samples=num_samples, batch_size=batch_size,
+                           generator=torch.Generator().manual_seed(seed), progress=True)
+    card = {"bits/dim (held-out digits)": report["bits_per_dim"]}
+    if "fdd" in report:
+        card[f"FDD ({report['num_samples']} samples, {report['num_steps']} steps)"] = report["fdd"]
+    return card, {k: v for k, v in report.items() if k not in ("timesteps", "terms_bpd")}
+
+
 def export_pipeline(unet, scheduler, output_dir: str, ema: EMA | None = None):
     """Saves a pipeline loadable with ``ScratchDDPMPipeline.from_pretrained(output_dir)`` (safetensors);
     the UNet holds the EMA weights when ``ema`` is given. Returns the pipeline."""
