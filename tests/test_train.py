@@ -336,3 +336,19 @@ def test_importance_sampled_vlb_training_resumes_bit_identically(tmp_path):
     assert int(state["counts"].sum()) == 12 * 8 and bool((state["counts"] >= 10).all())  # past the warm-up
     bad = _train(tmp_path, tmp_path / "bad", "--importance_sampling", check=False)
     assert bad.returncode != 0 and "--importance_sampling" in bad.stderr and "--loss vlb" in bad.stderr
+
+
+def test_a_new_run_never_mixes_with_or_deletes_an_earlier_runs_checkpoints(tmp_path):
+    """A killed first run leaves checkpoints; a plain rerun refuses (it would replace checkpoint-4), and
+    --overwrite_output_dir moves them to previous-checkpoints-1/ instead of deleting them."""
+    out = tmp_path / "out"
+    flags = ["--unet_preset", "tiny", "--ddpm_num_steps", "20", "--max_train_steps", "4", "--checkpointing_steps", "4"]
+    _train_until_paused(tmp_path, out, "after_checkpoint:4", *flags)
+    first = load_file(str(out / "checkpoint-4" / "model.safetensors"))
+    again = _train(tmp_path, out, *flags, "--seed", "8", check=False)
+    assert again.returncode != 0 and "earlier run" in again.stderr and "--resume_from_checkpoint latest" in again.stderr
+    _train(tmp_path, out, *flags, "--seed", "8", "--overwrite_output_dir")
+    _assert_bit_identical(load_file(str(out / "previous-checkpoints-1" / "checkpoint-4" / "model.safetensors")), first)
+    assert [s for s, _ in tu.list_checkpoints(str(out))] == [4]  # the new run's own
+    assert not torch.equal(next(iter(first.values())),
+                           next(iter(load_file(str(out / "checkpoint-4" / "model.safetensors")).values())))

@@ -216,6 +216,14 @@ def main(argv=None) -> int:
         found = " and no complete checkpoint to resume from" if args.resume_from_checkpoint else ""
         raise ValueError(f"--output_dir {args.output_dir!r} already holds a trained pipeline{found}; pass "
                          "--overwrite_output_dir to train into it, or --resume_from_checkpoint latest")
+    earlier = [os.path.basename(p) for _, p in tu.list_checkpoints(args.output_dir)] if resume is None else []
+    if earlier and not args.overwrite_output_dir:
+        raise ValueError(f"--output_dir {args.output_dir!r} holds checkpoints of an earlier run ({', '.join(earlier)}): "
+                         "pass --resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start a "
+                         f"new run (they are then moved to {tu.PREVIOUS_PREFIX}<n>/, not deleted)")
+    if earlier and main_proc:
+        logger.info("moved the earlier run's checkpoints to %s", tu.set_aside_checkpoints(args.output_dir))
+    accelerator.wait_for_everyone()
 
     # ---- data (before any model is built: a bad dataset costs seconds, not a model) ----
     preset = PRESETS[args.unet_preset]

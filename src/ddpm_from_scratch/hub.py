@@ -24,6 +24,8 @@ DEFAULT_PUSH_IGNORE = (
     "checkpoint-*/**",
     ".deleting-*",
     ".deleting-*/**",
+    "previous-checkpoints-*",
+    "previous-checkpoints-*/**",
     ".tmp*",
     "*.tmp",
     "*.tmp/**",

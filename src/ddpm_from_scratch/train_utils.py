@@ -219,6 +219,25 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+PREVIOUS_PREFIX = "previous-checkpoints-"
+
+
+def set_aside_checkpoints(output_dir: str) -> str | None:
+    """Move an earlier run's complete checkpoints into ``previous-checkpoints-<n>/`` (nothing is deleted), so that a
+    new run's "latest" and rotation never mix two runs. Returns that folder, or None when there were none."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(output_dir, f"{PREVIOUS_PREFIX}{n}")):
+        n += 1
+    dest = os.path.join(output_dir, f"{PREVIOUS_PREFIX}{n}")
+    os.makedirs(dest)
+    for _, path in found:
+        os.rename(path, os.path.join(dest, os.path.basename(path)))
+    return dest
+
+
 def resolve_checkpoint(output_dir: str, spec: str | None) -> str | None:
     """Path of the checkpoint to resume from: None for no spec, newest complete one for "latest" (None when
     there is none), else ``spec`` as a path or as a name inside ``output_dir`` (ValueError if incomplete)."""
