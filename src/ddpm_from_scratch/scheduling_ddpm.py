@@ -287,9 +287,8 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
                 "'v_prediction' (recommended with zero terminal SNR) or timestep_spacing='leading'"
             )
         tab = dm.chain_tables(abar)
-        last = torch.zeros(len(ts), dtype=torch.float64)
-        last[-1] = 1.0
-        not_last = 1.0 - last
+        not_last = torch.ones(len(ts), dtype=torch.float64)
+        not_last[-1] = 0.0  # the step to x_0 adds no noise
         columns = {
             "sqrt_recip_abar": tab["sqrt_recip_abar"],
             "sqrt_abar": tab["sqrt_abar"],

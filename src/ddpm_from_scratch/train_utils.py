@@ -279,10 +279,14 @@ def _fsync_tree(root: str) -> None:
 DELETING_PREFIX = ".deleting-"
 
 
+def _doomed_name(path: str) -> str:
+    """A unique ``.deleting-*`` sibling name for ``path``: rename there first, then delete, so that a kill at any
+    moment never leaves a half-deleted folder under a checkpoint's name (sweep_discarded removes leftovers)."""
+    return os.path.join(os.path.dirname(path), f"{DELETING_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+
+
 def _discard_dir(path: str) -> None:
-    """Remove a folder so that a kill at any moment never leaves a half-deleted folder under its name: rename it
-    to a unique ``.deleting-*`` name first (sweep_discarded removes leftovers of killed runs)."""
-    doomed = os.path.join(os.path.dirname(path), f"{DELETING_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+    doomed = _doomed_name(path)
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
@@ -333,7 +337,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
         _fsync_tree(tmp)
         _pause_point("during_save", step)
         if os.path.exists(final):  # re-saving a step (e.g. a resumed run ends on it): swap, never lose both
-            old = os.path.join(output_dir, f"{DELETING_PREFIX}checkpoint-{step}-{uuid.uuid4().hex[:8]}")
+            old = _doomed_name(final)
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
