@@ -37,25 +37,25 @@ def test_posterior_matches_bayes_rule_for_every_schedule(schedule):
         assert var == pytest.approx((1 - abar[t - 1].item()) / (1 - abar[t].item()) * betas[t].item(), rel=1e-10)
 
 
-def test_respaced_posterior_matches_bayes_rule_and_chain_tables():
+def test_respaced_posterior_matches_bayes_rule_and_chain_coefficients():
     abar = dm.alphas_cumprod(dm.beta_schedule("linear", T))
     visited = torch.tensor([999, 700, 333, 40, 0])
-    tab = dm.chain_tables(abar[visited])
+    tab = dm.chain_coefficients(abar[visited])
     rng = np.random.default_rng(1)
     for i in range(len(visited) - 1):
         t, s = visited[i].item(), visited[i + 1].item()
         x0, xt = rng.normal(size=2)
         mean_ref, var_ref = bayes_posterior(abar[t].item(), abar[s].item(), x0, xt)
-        mean = tab["coef_x0"][i].item() * x0 + tab["coef_xt"][i].item() * xt
+        mean = tab.coef_x0[i].item() * x0 + tab.coef_xt[i].item() * xt
         assert mean == pytest.approx(mean_ref, rel=1e-10, abs=1e-12)
-        assert tab["posterior_variance"][i].item() == pytest.approx(var_ref, rel=1e-10)
-        assert tab["beta"][i].item() == pytest.approx(1 - abar[t].item() / abar[s].item(), rel=1e-12)
+        assert tab.posterior_variance[i].item() == pytest.approx(var_ref, rel=1e-10)
+        assert tab.beta[i].item() == pytest.approx(1 - abar[t].item() / abar[s].item(), rel=1e-12)
     # last step goes to x_0 exactly: mean = x_0 coefficient 1 when abar_prev = 1, variance 0
-    assert tab["posterior_variance"][-1].item() == 0.0
-    assert tab["coef_x0"][-1].item() == pytest.approx(1.0)
-    assert tab["coef_xt"][-1].item() == pytest.approx(0.0, abs=1e-15)
+    assert tab.posterior_variance[-1].item() == 0.0
+    assert tab.coef_x0[-1].item() == pytest.approx(1.0)
+    assert tab.coef_xt[-1].item() == pytest.approx(0.0, abs=1e-15)
     # the clipped log variance replaces -inf on the last step by the previous step's value
-    assert tab["posterior_log_variance_clipped"][-1] == tab["posterior_log_variance_clipped"][-2]
+    assert tab.posterior_log_variance_clipped[-1] == tab.posterior_log_variance_clipped[-2]
 
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"])

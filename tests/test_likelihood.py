@@ -113,7 +113,7 @@ def test_prior_term_is_kl_to_standard_normal():
 def discrete_setup():
     images, atoms, probs, entropy = _discrete_data()
     sched = ScratchDDPMScheduler(num_train_timesteps=1000, clip_sample=False)
-    model = AtomDenoiser(atoms, probs, sched.tables["abar"])
+    model = AtomDenoiser(atoms, probs, sched.full_chain.abar)
     return images, sched, model, entropy
 
 
@@ -146,11 +146,11 @@ def test_respaced_chain_uses_scheduler_timesteps_and_effective_betas(discrete_se
     probe.set_timesteps(10)
     assert res.timesteps.tolist() == probe.timesteps.tolist()
     assert res.terms.shape == (10,)
-    abar_T = sched.tables["abar"][probe.timesteps[0]]
+    abar_T = sched.full_chain.abar[probe.timesteps[0]]
     assert res.prior == pytest.approx(float(L.prior_bpd(L.quantize_8bit(images[:8]), abar_T).mean()), rel=1e-12)
     tab = L.chain(sched, probe.timesteps)
-    ab = sched.tables["abar"][probe.timesteps]
-    np.testing.assert_allclose(tab["beta"][:-1].numpy(), (1 - ab[:-1] / ab[1:]).numpy(), rtol=1e-12)
+    ab = sched.full_chain.abar[probe.timesteps]
+    np.testing.assert_allclose(tab.beta[:-1].numpy(), (1 - ab[:-1] / ab[1:]).numpy(), rtol=1e-12)
 
 
 def test_analytic_variance_gives_the_smallest_kl_terms(discrete_setup):
@@ -180,13 +180,13 @@ def _exact_reverse_variance(abar_t, abar_prev, s):
 def test_analytic_variance_formula_with_exact_gamma_is_the_true_reverse_variance():
     s = 0.4  # the data std (its mean does not enter the reverse variance)
     sched = ScratchDDPMScheduler(num_train_timesteps=1000)
-    abar = sched.tables["abar"]
+    abar = sched.full_chain.abar
     gamma = (1 - abar) / (abar * s**2 + 1 - abar)  # E||E[eps|x_t]||^2 / d for Gaussian data
     for steps in (None, 10):
         ts = L.visited_timesteps(sched, steps)
         tab = L.chain(sched, ts, analytic_gamma=gamma)
-        exact = _exact_reverse_variance(tab["abar"][:-1], tab["abar_prev"][:-1], s)
-        np.testing.assert_allclose(tab["analytic_variance"][:-1].numpy(), exact.numpy(), rtol=1e-9)
+        exact = _exact_reverse_variance(tab.abar[:-1], tab.abar_prev[:-1], s)
+        np.testing.assert_allclose(tab.log_analytic_variance.exp()[:-1].numpy(), exact.numpy(), rtol=1e-9)
 
 
 def test_estimated_analytic_variance_matches_exact():
@@ -194,19 +194,19 @@ def test_estimated_analytic_variance_matches_exact():
     (Probe steps where 1 - Gamma is not tiny: there the relative MC error of sigma*^2 stays at a few percent.)"""
     m, s = 0.1, 0.8
     sched = ScratchDDPMScheduler(num_train_timesteps=1000)
-    model = GaussianDenoiser(m, s, sched.tables["abar"])
+    model = GaussianDenoiser(m, s, sched.full_chain.abar)
     x0 = (m + s * torch.randn(10000, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     probe = [299, 199, 99, 49, 9]
     gamma = L.estimate_analytic_gamma(model, sched, x0, timesteps=probe, batch_size=10000,
                                       generator=torch.Generator().manual_seed(1))
-    abar = sched.tables["abar"]
+    abar = sched.full_chain.abar
     exact_gamma = (1 - abar) / (abar * s**2 + 1 - abar)
     np.testing.assert_allclose(gamma[probe].numpy(), exact_gamma[probe].numpy(), rtol=0.03)
     tab = L.chain(sched, torch.tensor(probe), analytic_gamma=gamma)
-    exact = _exact_reverse_variance(tab["abar"][:-1], tab["abar_prev"][:-1], s)
-    np.testing.assert_allclose(tab["analytic_variance"][:-1].numpy(), exact.numpy(), rtol=0.03)
+    exact = _exact_reverse_variance(tab.abar[:-1], tab.abar_prev[:-1], s)
+    np.testing.assert_allclose(tab.log_analytic_variance.exp()[:-1].numpy(), exact.numpy(), rtol=0.03)
     # and it differs clearly from beta~ on these big steps (the estimate carries information)
-    assert bool((exact > 1.5 * tab["posterior_variance"][:-1]).all())
+    assert bool((exact > 1.5 * tab.posterior_variance[:-1]).all())
 
 
 def test_analytic_gamma_travels_in_the_scheduler_config(tmp_path):
@@ -249,13 +249,13 @@ def test_sampling_matches_scheduler_step_loop(variance_type):
 
 def test_learned_variance_bound_uses_model_log_variance():
     """'learned': the second half of the channels IS log sigma^2 -> the term equals the closed-form KL with it."""
-    rows = L.rows_at(L.full_chain(ScratchDDPMScheduler(num_train_timesteps=10)), torch.tensor([5]), 4)
+    rows = L.full_chain(ScratchDDPMScheduler(num_train_timesteps=10)).at(torch.tensor([5]), 4)
     x0 = torch.full((1, 1, 1, 1), 0.3, dtype=torch.float64)
     x_t = torch.full((1, 1, 1, 1), 0.1, dtype=torch.float64)
     eps, log_var = 0.2, -3.0
     out = torch.tensor([eps, log_var], dtype=torch.float64).view(1, 2, 1, 1)
     got = L.vb_terms(out, x0, x_t, rows, prediction_type="epsilon", variance_type="learned")
-    a, ap = float(rows["abar"]), float(rows["abar_prev"])
+    a, ap = float(rows.abar), float(rows.abar_prev)
     beta = 1 - a / ap
     x0_hat = (0.1 - math.sqrt(1 - a) * eps) / math.sqrt(a)
     mu = lambda z: math.sqrt(ap) * beta / (1 - a) * z + math.sqrt(1 - beta) * (1 - ap) / (1 - a) * 0.1  # noqa: E731
@@ -267,7 +267,7 @@ def test_learned_variance_bound_uses_model_log_variance():
 
 def test_bad_arguments_raise():
     sched = ScratchDDPMScheduler(num_train_timesteps=10)
-    model = GaussianDenoiser(0.0, 0.5, sched.tables["abar"])
+    model = GaussianDenoiser(0.0, 0.5, sched.full_chain.abar)
     x = torch.zeros(2, 1, 2, 2)
     with pytest.raises(ValueError, match="variance_type"):
         L.bits_per_dim(model, sched, x, variance_type="wide")

@@ -40,7 +40,7 @@ class FreeOutput(nn.Module):
 
 def test_vlb_loss_is_the_closed_form_kl_and_decoder_nll():
     sched = ScratchDDPMScheduler(num_train_timesteps=50, clip_sample=False)
-    abar = sched.tables["abar"]
+    abar = sched.full_chain.abar
     model = LinearEps(abar)
     x0 = torch.round((torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 127.5) / 127.5
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
@@ -73,7 +73,7 @@ def test_vlb_loss_is_the_closed_form_kl_and_decoder_nll():
 def test_vlb_loss_averages_to_the_bits_per_dim_terms():
     """E_eps[vlb loss at t] is the bound's term of the step from t: same concept, one function."""
     sched = ScratchDDPMScheduler(num_train_timesteps=8, clip_sample=False)
-    model = LinearEps(sched.tables["abar"])
+    model = LinearEps(sched.full_chain.abar)
     x0 = torch.round((torch.rand(1, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 127.5) / 127.5
     reps = 4000
     data = x0.repeat(reps, 1, 1, 1)
@@ -106,7 +106,7 @@ def test_hybrid_trains_the_mean_by_mse_and_the_variance_by_the_bound():
 
 def test_loss_argument_errors():
     fixed = ScratchDDPMScheduler(num_train_timesteps=10)
-    model = LinearEps(fixed.tables["abar"])
+    model = LinearEps(fixed.full_chain.abar)
     x0 = torch.zeros(2, 1, 2, 2)
     with pytest.raises(ValueError, match="loss_type"):
         losses.training_loss(model, fixed, x0, loss_type="kl")
@@ -151,7 +151,7 @@ def test_importance_sampler_uniform_until_filled_then_rms_weighted():
 
 def test_training_loss_with_sampler_weights_and_updates():
     sched = ScratchDDPMScheduler(num_train_timesteps=10, clip_sample=False)
-    model = LinearEps(sched.tables["abar"])
+    model = LinearEps(sched.full_chain.abar)
     sampler = losses.ImportanceTimestepSampler(10, history=1)
     x0 = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
     gen = torch.Generator().manual_seed(1)

@@ -121,7 +121,7 @@ def mutant(steps, rows_for):
     """A scheduler whose coefficient rows come from other (wrong) timesteps."""
     m = ScratchDDPMScheduler(clip_sample=False)
     m.set_timesteps(steps)
-    m._steps = rows_for(m.timesteps.tolist())
+    m._chain_lookup().rows = rows_for(m.timesteps.tolist())
     return m
 
 
@@ -138,8 +138,8 @@ def test_wrong_alpha_bar_index_or_variance_fails():
     large = ScratchDDPMScheduler(clip_sample=False, variance_type="fixed_large")
     large.set_timesteps(steps)
     mutants = {
-        "abar[t+1]": mutant(steps, lambda ts: shifted._steps),
-        "prev=t-1": mutant(steps, lambda ts: [full._steps[full._index_of[t]] for t in ts]),
+        "abar[t+1]": mutant(steps, lambda ts: shifted._chain_lookup().rows),
+        "prev=t-1": mutant(steps, lambda ts: [full._chain_lookup().rows[full._chain_lookup().index[t]] for t in ts]),
         "fixed_large instead of fixed_small": large,
     }
     g = torch.Generator().manual_seed(0)

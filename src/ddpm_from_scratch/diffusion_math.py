@@ -11,6 +11,7 @@ tensors shaped ``(B, 1, 1, 1)``.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 
@@ -151,33 +152,108 @@ def posterior_mean(x_start, x_t, coef_x0, coef_xt):
     return axpy(coef_xt, x_t, coef_x0 * x_start)
 
 
-def chain_tables(abar_visited: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Float64 coefficient tables for a reverse chain visiting abar_visited[0] > ... (descending t).
+class ChainCoefficients(NamedTuple):
+    """The per-timestep coefficients of a reverse chain, one field per quantity.
 
-    abar_visited: (N,) signal levels of the visited timesteps, noisiest first. The step from entry i
-    goes to entry i+1; the last entry steps to x_0 (abar_prev = 1). Returns (N,) tensors.
+    Every consumer (the scheduler's step, the bound in likelihood.py, the training losses) reads these fields by
+    name. A field holds (N,) float64 tensors for a whole chain (noisiest step first, or indexed by t for the full
+    chain), Python floats for one step, or tensors shaped (B, 1, ..., 1) for one step per sample.
     """
-    abar = abar_visited.to(_F64)
+
+    abar: Any  # abar_t = prod_{s<=t} (1 - beta_s)                               Eq. 4
+    abar_prev: Any  # abar of the step it goes to; 1 on the step to x_0
+    beta: Any  # effective beta_t = 1 - abar_t / abar_prev                     Eq. 4 on a respaced chain
+    sqrt_abar: Any  # sqrt(abar_t)                                           Eq. 4, v-prediction
+    sqrt_one_minus_abar: Any  # sqrt(1 - abar_t)                             Eq. 4, Eq. 15
+    sqrt_recip_abar: Any  # 1 / sqrt(abar_t)                                 Eq. 15
+    coef_x0: Any  # sqrt(abar_prev) beta_t / (1 - abar_t)                     Eq. 7
+    coef_xt: Any  # sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t)              Eq. 7
+    posterior_variance: Any  # beta~_t = (1 - abar_prev) / (1 - abar_t) beta_t, 0 on the step to x_0   Eq. 7
+    posterior_log_variance_clipped: Any  # log beta~_t, the previous step's value on the step to x_0  (Improved DDPM)
+    log_beta: Any  # log beta_t                                              Sec. 3.2, sigma^2 = beta
+    log_analytic_variance: Any  # log sigma*^2 of Analytic-DPM (Bao et al. 2022, Thm. 1); NaN without Gamma
+    not_last: Any  # 1.0, but 0.0 on the step to x_0, which adds no noise    Algorithm 2, line 3
+
+    def stack(self) -> torch.Tensor:
+        """The chain as one (N, K) float64 table, columns in field order."""
+        return torch.stack([torch.as_tensor(f, dtype=_F64) for f in self], dim=1)
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor) -> "ChainCoefficients":
+        """The inverse of stack for a (..., K) table: one field per last-dim column."""
+        return cls(*table.unbind(-1))
+
+    def host_rows(self) -> list:
+        """One ChainCoefficients of Python floats per step, for a step that reads no tensor."""
+        return [ChainCoefficients(*row) for row in self.stack().tolist()]
+
+    def at(self, index, ndim: int = 1, device=None) -> "ChainCoefficients":
+        """The rows at integer positions index (B,), each field shaped (B, 1, ..., 1) with ndim dims, on device."""
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        shape = (index.shape[0],) + (1,) * (ndim - 1)
+        return ChainCoefficients(*(torch.as_tensor(f)[index].view(shape).to(device) for f in self))
+
+    def reversed(self) -> "ChainCoefficients":
+        """The same chain in the other order (flip every field)."""
+        return ChainCoefficients(*(f.flip(0) for f in self))
+
+
+def chain_coefficients(abar_visited: torch.Tensor, gamma=None) -> ChainCoefficients:
+    """Float64 (N,) coefficients of a reverse chain over signal levels abar_visited[0] < abar_visited[1] < ... (descending t).
+
+    abar_visited: (N,) signal levels of the visited timesteps, noisiest first. The step from entry i goes to entry
+    i+1; the last entry steps to x_0 (abar_prev = 1). gamma: (N,) Gamma_t = E||eps_theta||^2 / d at the visited
+    timesteps for Analytic-DPM's variance (None: that field is NaN).
+    """
+    abar = torch.as_tensor(abar_visited, dtype=_F64)
     abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
     beta = step_beta(abar, abar_prev)
     coef_x0, coef_xt = posterior_mean_coefficients(abar, abar_prev)
     var = posterior_variance(abar, abar_prev)
-    # log beta~ is -inf on the last step; "clipped" replaces it by the next step's value (improved DDPM).
+    # log beta~ is -inf on the last step; "clipped" replaces it by the previous step's value (Improved DDPM).
     var_clipped = torch.cat([var[:-1], var[-2:-1] if var.numel() > 1 else beta[-1:]])
-    return {
-        "abar": abar,
-        "abar_prev": abar_prev,
-        "beta": beta,
-        "sqrt_abar": abar.sqrt(),
-        "sqrt_one_minus_abar": (1.0 - abar).sqrt(),
-        "sqrt_recip_abar": abar.rsqrt(),
-        "sqrt_recipm1_abar": (1.0 / abar - 1.0).sqrt(),
-        "coef_x0": coef_x0,
-        "coef_xt": coef_xt,
-        "posterior_variance": var,
-        "posterior_log_variance_clipped": var_clipped.log(),
-        "log_beta": beta.log(),
-    }
+    not_last = torch.ones_like(abar)
+    not_last[-1] = 0.0
+    if gamma is None:
+        log_analytic = torch.full_like(abar, float("nan"))
+    else:
+        sigma2 = analytic_variance(torch.as_tensor(gamma, dtype=_F64), abar, var, coef_x0)
+        log_analytic = sigma2.clamp(min=1e-20).log()
+    return ChainCoefficients(
+        abar=abar, abar_prev=abar_prev, beta=beta, sqrt_abar=abar.sqrt(), sqrt_one_minus_abar=(1.0 - abar).sqrt(),
+        sqrt_recip_abar=abar.rsqrt(), coef_x0=coef_x0, coef_xt=coef_xt, posterior_variance=var,
+        posterior_log_variance_clipped=var_clipped.log(), log_beta=beta.log(), log_analytic_variance=log_analytic,
+        not_last=not_last,
+    )
+
+
+def reverse_log_variance(variance_type: str, c: ChainCoefficients, model_var=None):
+    """log sigma_t^2 of p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I) for each variance type: the one home of
+    this choice, used by the sampler (ScratchDDPMScheduler.step) and the bound (likelihood.p_mean_log_variance).
+
+    fixed_small: sigma^2 = beta~_t (Sec. 3.2; clipped on the step to x_0, Improved DDPM); fixed_large: beta_t
+    (Sec. 3.2); analytic: Analytic-DPM's sigma*^2; learned: the model's variance channels ARE log sigma^2 (Improved
+    DDPM's convention); learned_range: v in [-1, 1] interpolates log beta_t and log beta~_t (Improved DDPM Eq. 15).
+    "*_log" names are diffusers' spellings of the same variances. Returns a float or a tensor like its inputs.
+    """
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        return c.posterior_log_variance_clipped
+    if variance_type in ("fixed_large", "fixed_large_log"):
+        return c.log_beta
+    if variance_type == "analytic":
+        return c.log_analytic_variance
+    if variance_type == "learned":
+        return model_var
+    if variance_type == "learned_range":
+        return learned_range_log_variance(model_var, c.posterior_log_variance_clipped, c.log_beta)
+    raise ValueError(f"variance_type must be one of {list(SCHEDULER_VARIANCE_TYPES)}, got {variance_type!r}")
+
+
+def std_from_log_variance(log_var):
+    """sigma = exp(log sigma^2 / 2) for a Python float or a tensor."""
+    if isinstance(log_var, float):
+        return math.exp(0.5 * log_var)
+    return torch.exp(0.5 * log_var)
 
 
 def analytic_variance(gamma, abar, posterior_variance, coef_x0, half_range: float = 1.0):

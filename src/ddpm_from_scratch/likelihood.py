@@ -17,7 +17,7 @@ last step), fixed_large (beta_t), learned (the model's second half of channels I
 (v in [-1, 1] interpolating log beta~_t (clipped) and log beta_t), analytic (Bao et al. 2022; needs
 ``analytic_gamma``, see :func:`estimate_analytic_gamma`).
 
-Shapes: images (N, C, H, W) in [-1, 1]; ``rows`` are dicts of float64 tensors shaped (B, 1, 1, 1).
+Shapes: images (N, C, H, W) in [-1, 1]; ``rows`` are ``dm.ChainCoefficients`` of float64 tensors shaped (B, 1, 1, 1).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ _LN2 = math.log(2.0)
 # Chain tables
 # ----------------------------------------------------------------------------------------------
 def full_alphas_cumprod(scheduler) -> torch.Tensor:
-    """abar_t for t = 0..T-1, float64 (T,): our scheduler's float64 table, else the float32 one upcast."""
-    tables = getattr(scheduler, "tables", None)
-    if isinstance(tables, dict) and "abar" in tables:
-        return tables["abar"].to(_F64).cpu()
+    """abar_t for t = 0..T-1, float64 (T,): our scheduler's float64 chain, else the float32 table upcast."""
+    chain = getattr(scheduler, "full_chain", None)
+    if isinstance(chain, dm.ChainCoefficients):
+        return chain.abar.to(_F64).cpu()
     return scheduler.alphas_cumprod.to(_F64).cpu()
 
 
@@ -65,37 +65,25 @@ def visited_timesteps(scheduler, num_inference_steps: int | None = None) -> torc
     return probe.timesteps.detach().cpu().long()
 
 
-def chain(scheduler, timesteps: torch.Tensor, analytic_gamma=None) -> dict[str, torch.Tensor]:
-    """Float64 (N,) tables of the reverse chain over ``timesteps`` (descending): dm.chain_tables plus
-    ``timesteps``, ``is_last`` and, with analytic_gamma ((T,) Gamma_t), ``analytic_variance``."""
+def chain(scheduler, timesteps: torch.Tensor, analytic_gamma=None) -> dm.ChainCoefficients:
+    """The float64 (N,) coefficients of the reverse chain over ``timesteps`` (descending), with Analytic-DPM's
+    variance when analytic_gamma ((T,) Gamma_t) is given."""
     timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
     T = int(scheduler.config.num_train_timesteps)
     if timesteps.ndim != 1 or timesteps.numel() == 0 or bool((timesteps.diff() >= 0).any()) \
             or int(timesteps.min()) < 0 or int(timesteps.max()) >= T:
         raise ValueError(f"timesteps must be a strictly descending 1-D sequence in [0, {T - 1}], got {timesteps.tolist()[:8]}...")
-    tab = dm.chain_tables(full_alphas_cumprod(scheduler)[timesteps])
-    tab["timesteps"] = timesteps
-    is_last = torch.zeros(len(timesteps), dtype=torch.bool)
-    is_last[-1] = True
-    tab["is_last"] = is_last
-    if analytic_gamma is not None:
-        gamma = _check_gamma(analytic_gamma, int(scheduler.config.num_train_timesteps))[timesteps]
-        tab["analytic_variance"] = dm.analytic_variance(gamma, tab["abar"], tab["posterior_variance"], tab["coef_x0"])
-    return tab
+    gamma = None if analytic_gamma is None else _check_gamma(analytic_gamma, T)[timesteps]
+    return dm.chain_coefficients(full_alphas_cumprod(scheduler)[timesteps], gamma)
 
 
-def full_chain(scheduler, analytic_gamma=None) -> dict[str, torch.Tensor]:
-    """chain() over all T steps, re-indexed so that row t is training timestep t (ascending)."""
+def full_chain(scheduler, analytic_gamma=None) -> dm.ChainCoefficients:
+    """chain() over all T steps, in the order of t (row t is training timestep t): our scheduler's own."""
+    own = getattr(scheduler, "full_chain", None)
+    if analytic_gamma is None and isinstance(own, dm.ChainCoefficients):
+        return own
     T = int(scheduler.config.num_train_timesteps)
-    tab = chain(scheduler, torch.arange(T - 1, -1, -1, dtype=torch.long), analytic_gamma)
-    return {k: v.flip(0) for k, v in tab.items()}
-
-
-def rows_at(tables: dict[str, torch.Tensor], index: torch.Tensor, ndim: int, device=None) -> dict[str, torch.Tensor]:
-    """Table rows at integer positions index (B,), each shaped (B, 1, ..., 1) with ndim dims, on device."""
-    index = torch.as_tensor(index, dtype=torch.long).cpu()
-    shape = (index.shape[0],) + (1,) * (ndim - 1)
-    return {k: v[index].view(shape).to(device) for k, v in tables.items() if k != "timesteps"}
+    return chain(scheduler, torch.arange(T - 1, -1, -1, dtype=torch.long), analytic_gamma).reversed()
 
 
 def _check_gamma(gamma, num_train_timesteps: int) -> torch.Tensor:
@@ -137,20 +125,11 @@ def p_mean_log_variance(model_output, x_t, rows, *, prediction_type: str, varian
     pred, var_out = split_model_output(model_output, channels, variance_type)
     x_t = x_t.to(_F64)
     pred = pred.to(_F64)
-    x0 = clip_x0(dm.x0_from_model_output(prediction_type, pred, x_t, rows["abar"]), clip_config)
-    mean = dm.posterior_mean(x0, x_t, rows["coef_x0"], rows["coef_xt"])
-    if variance_type in ("fixed_small", "fixed_small_log"):
-        log_var = rows["posterior_log_variance_clipped"]
-    elif variance_type in ("fixed_large", "fixed_large_log"):
-        log_var = rows["log_beta"]
-    elif variance_type == "learned":
-        log_var = var_out.to(_F64)
-    elif variance_type == "learned_range":
-        log_var = dm.learned_range_log_variance(var_out.to(_F64), rows["posterior_log_variance_clipped"], rows["log_beta"])
-    else:  # analytic
-        if "analytic_variance" not in rows:
-            raise ValueError("variance_type='analytic' needs analytic_gamma (see estimate_analytic_gamma)")
-        log_var = rows["analytic_variance"].clamp(min=1e-20).log()
+    x0 = clip_x0(dm.x0_from_model_output(prediction_type, pred, x_t, rows.abar), clip_config)
+    mean = dm.posterior_mean(x0, x_t, rows.coef_x0, rows.coef_xt)
+    if variance_type == "analytic" and bool(torch.isnan(rows.log_analytic_variance).any()):
+        raise ValueError("variance_type='analytic' needs analytic_gamma (see estimate_analytic_gamma)")
+    log_var = dm.reverse_log_variance(variance_type, rows, None if var_out is None else var_out.to(_F64))
     return mean, log_var.expand_as(mean), x0
 
 
@@ -169,14 +148,13 @@ def prior_bpd(x_start: torch.Tensor, abar_last) -> torch.Tensor:
 
 def vb_terms(model_output, x_start, x_t, rows, *, prediction_type: str, variance_type: str, clip_config=None) -> torch.Tensor:
     """One term of the bound per image, bits/dim (B,): KL(q(x_{t-1}|x_t,x_0) || p_theta) (Eq. 5), or on the step to
-    x_0 (rows['is_last'] or abar_prev = 1) the decoder NLL -log p_theta(x_0|x_t) (Eq. 13). Differentiable."""
+    x_0 (rows.not_last = 0) the decoder NLL -log p_theta(x_0|x_t) (Eq. 13). Differentiable."""
     mean, log_var, _ = p_mean_log_variance(model_output, x_t, rows, prediction_type=prediction_type,
                                            variance_type=variance_type, clip_config=clip_config)
     x_start64 = x_start.to(_F64)
-    true_mean = dm.posterior_mean(x_start64, x_t.to(_F64), rows["coef_x0"], rows["coef_xt"])
-    true_log_var = rows["posterior_log_variance_clipped"].expand_as(true_mean)
-    is_last = rows["is_last"] if "is_last" in rows else rows["abar_prev"] >= 1.0
-    is_last = is_last.to(mean.device).reshape(-1, *([1] * (mean.dim() - 1))).expand_as(mean)
+    true_mean = dm.posterior_mean(x_start64, x_t.to(_F64), rows.coef_x0, rows.coef_xt)
+    true_log_var = rows.posterior_log_variance_clipped.expand_as(true_mean)
+    is_last = (rows.not_last == 0).to(mean.device).reshape(-1, *([1] * (mean.dim() - 1))).expand_as(mean)
     # Each branch sees harmless constants where the other one is used, so no inf/NaN gradient leaks through where.
     kl = dm.normal_kl(true_mean, true_log_var, torch.where(is_last, true_mean, mean), torch.where(is_last, true_log_var, log_var))
     log_lik = dm.discretized_gaussian_log_likelihood(x_start64, torch.where(is_last, mean, x_start64),
@@ -295,11 +273,11 @@ def bits_per_dim(unet, scheduler, images: torch.Tensor, num_inference_steps: int
     for start in range(0, data.shape[0], batch_size):
         x0 = data[start:start + batch_size].to(device)
         b = x0.shape[0]
-        prior[start:start + b] = prior_bpd(x0, tab["abar"][0]).cpu()
+        prior[start:start + b] = prior_bpd(x0, tab.abar[0]).cpu()
         for i in range(n_steps):
-            rows = rows_at(tab, torch.full((b,), i), x0.dim(), device)
+            rows = tab.at(torch.full((b,), i), x0.dim(), device)
             noise = torch.randn(x0.shape, generator=generator, dtype=_F64).to(device)
-            x_t = dm.q_sample(x0, noise, rows["sqrt_abar"], rows["sqrt_one_minus_abar"])
+            x_t = dm.q_sample(x0, noise, rows.sqrt_abar, rows.sqrt_one_minus_abar)
             t = torch.full((b,), int(timesteps[i]), dtype=torch.long, device=device)
             out = call_model(unet, x_t, t, dtype)
             per_image_terms[start:start + b, i] = vb_terms(out, x0, x_t, rows, prediction_type=cfg.prediction_type,
@@ -341,13 +319,13 @@ def estimate_analytic_gamma(unet, scheduler, images: torch.Tensor, timesteps=Non
         for start in range(0, data.shape[0], batch_size):
             x0 = data[start:start + batch_size].to(device)
             b = x0.shape[0]
-            rows = rows_at(tab, torch.full((b,), t_val), x0.dim(), device)
+            rows = tab.at(torch.full((b,), t_val), x0.dim(), device)
             noise = torch.randn(x0.shape, generator=generator, dtype=_F64).to(device)
-            x_t = dm.q_sample(x0, noise, rows["sqrt_abar"], rows["sqrt_one_minus_abar"])
+            x_t = dm.q_sample(x0, noise, rows.sqrt_abar, rows.sqrt_one_minus_abar)
             out = call_model(unet, x_t, torch.full((b,), t_val, dtype=torch.long, device=device), dtype)
             pred, _ = split_model_output(out, x0.shape[1], "fixed_small")
-            x0_pred = dm.x0_from_model_output(cfg.prediction_type, pred, x_t, rows["abar"])
-            eps = dm.eps_from_x0(x_t, x0_pred, rows["sqrt_abar"], rows["sqrt_one_minus_abar"])
+            x0_pred = dm.x0_from_model_output(cfg.prediction_type, pred, x_t, rows.abar)
+            eps = dm.eps_from_x0(x_t, x0_pred, rows.sqrt_abar, rows.sqrt_one_minus_abar)
             total += float((eps**2).sum())
             if bar is not None:
                 bar.update(1)

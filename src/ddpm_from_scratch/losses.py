@@ -107,16 +107,9 @@ class ImportanceTimestepSampler:
         self.uniform_prob = float(state["uniform_prob"])
 
 
-def _full_chain_rows(scheduler, timesteps: torch.Tensor, ndim: int, device) -> dict:
-    """Rows of the full-chain tables at training timesteps (B,), shaped (B, 1, ...) float64."""
-    tables = getattr(scheduler, "_loss_chain_cache", None)
-    if tables is None:
-        tables = likelihood.full_chain(scheduler)
-        try:
-            scheduler._loss_chain_cache = tables
-        except AttributeError:
-            pass
-    return likelihood.rows_at(tables, timesteps.cpu(), ndim, device)
+def _full_chain_rows(scheduler, timesteps: torch.Tensor, ndim: int, device) -> dm.ChainCoefficients:
+    """The full chain's coefficients at training timesteps (B,), each field shaped (B, 1, ...) float64."""
+    return likelihood.full_chain(scheduler).at(timesteps.cpu(), ndim, device)
 
 
 def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "simple", snr_gamma: float | None = None,
@@ -175,7 +168,7 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
             vb_output = torch.cat([prediction.detach(), model_output[:, channels:]], dim=1)
         rows = _full_chain_rows(scheduler, timesteps, x_start.dim(), x_start.device)
         # x_t is recomputed in float64 from the same noise so that the bound's posterior matches exactly.
-        x_t64 = dm.q_sample(x_start.double(), noise.double(), rows["sqrt_abar"], rows["sqrt_one_minus_abar"])
+        x_t64 = dm.q_sample(x_start.double(), noise.double(), rows.sqrt_abar, rows.sqrt_one_minus_abar)
         vlb = likelihood.vb_terms(vb_output, x_start, x_t64, rows, prediction_type=cfg.prediction_type,
                                   variance_type=cfg.variance_type).float()
     if loss_type == "simple":
