@@ -274,3 +274,61 @@ def test_learned_variance_model_sampled_with_a_fixed_variance_ignores_the_varian
     a = sched.step(both, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     b = sched.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("host_lookup", [True, False], ids=["host-path", "device-path"])
+@pytest.mark.parametrize("set_timesteps", [True, False], ids=["respaced", "full-chain"])
+def test_out_of_schedule_batched_timesteps_raise_naming_them(host_lookup, set_timesteps):
+    """A batch of timesteps holding one outside the schedule used to give NaN (or another step's row) silently."""
+    sched = ScratchDDPMScheduler()
+    sched._host_lookup = host_lookup
+    if set_timesteps:
+        sched.set_timesteps(10)
+    x = torch.randn(3, 1, 4, 4)
+    good = sched.timesteps[[0, 1, 2]]
+    bad = [[good[0].item(), 1000, good[2].item()], [good[0].item(), -1, good[2].item()]]
+    if set_timesteps:
+        bad.append([good[0].item(), good[0].item() - 1, good[2].item()])  # a training timestep, but not visited
+    for ts in bad:
+        with pytest.raises(ValueError) as info:
+            sched.step(x, torch.tensor(ts), x)
+        assert str(ts[1]) in str(info.value)
+        assert ("scheduler.timesteps" in str(info.value)) if set_timesteps else ("[0, 999]" in str(info.value))
+    with pytest.raises(ValueError, match=r"2\.5"):
+        sched.step(x, torch.tensor([float(good[0]), 2.5, float(good[2])]), x)
+    assert torch.isfinite(sched.step(x, good, x).prev_sample).all()
+    for fn in (sched.add_noise, sched.get_velocity):
+        with pytest.raises(ValueError, match=r"1000.*\[0, 999\]"):
+            fn(x, x, torch.tensor([5, 1000, 7]))
+
+
+GPU_ASSERT_SCRIPT = r"""
+import sys, torch
+from ddpm_from_scratch import ScratchDDPMScheduler
+s = ScratchDDPMScheduler()
+s.set_timesteps(10)
+x = torch.randn(2, 1, 4, 4, device="cuda")
+kind = sys.argv[1]
+torch.cuda.set_sync_debug_mode("error")  # the check itself must not sync
+if kind == "step":
+    out = s.step(x, torch.tensor([999, 5], device="cuda"), x).prev_sample
+else:
+    out = s.add_noise(x, x, torch.tensor([5, 1000], device="cuda"))
+torch.cuda.set_sync_debug_mode(0)
+torch.cuda.synchronize()  # the device-side assert surfaces here
+print("NO ERROR", out.isnan().any().item())
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["step", "add_noise"])
+def test_out_of_schedule_cuda_timesteps_trip_a_device_assert(kind):
+    """On the GPU the check is a device-side assert (no host sync): the run stops instead of returning NaN. It
+    poisons the CUDA context, hence the subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", GPU_ASSERT_SCRIPT, kind], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
+    assert proc.returncode != 0 and "NO ERROR" not in proc.stdout, proc.stdout + proc.stderr

@@ -126,3 +126,75 @@ def test_no_noise_on_the_last_step_even_when_it_starts_above_t0():
     mine = ours.step(eps, ours.timesteps[-1], x, generator=g)
     torch.testing.assert_close(mine.prev_sample, mine.pred_original_sample)
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())  # no draw
+
+
+def test_betas_above_one_are_an_error_not_nan():
+    """diffusers' test_betas uses beta_start=0.1, beta_end=2: betas > 1 make alpha_t < 0, abar changes sign, and every
+    step past t ~ 300 is NaN (its test only steps at t = 0). Ours refuses the schedule, naming beta_end."""
+    ref = DDPMScheduler(beta_start=0.1, beta_end=2)
+    x = torch.ones(1, 1, 2, 2)
+    assert torch.isfinite(ref.step(0.1 * x, 0, x, generator=torch.Generator().manual_seed(0)).prev_sample).all()
+    assert torch.isnan(ref.step(0.1 * x, 999, x, generator=torch.Generator().manual_seed(0)).prev_sample).all()
+    with pytest.raises(ValueError, match=r"beta_end must be a number in the open interval \(0, 1\)"):
+        ScratchDDPMScheduler(beta_start=0.1, beta_end=2)
+
+
+def test_unknown_variance_type_is_an_error_not_fixed_small():
+    """diffusers' test_variance_type passes variance_type='other': diffusers silently samples with fixed_small."""
+    x, eps = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    other, small = DDPMScheduler(variance_type="other"), DDPMScheduler()
+    for t in (999, 500):
+        torch.testing.assert_close(other.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                                   small.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+    with pytest.raises(ValueError, match="variance_type must be one of .*fixed_small.*got 'other'"):
+        ScratchDDPMScheduler(variance_type="other")
+
+
+def test_trained_betas_length_is_carried_through():
+    """diffusers takes the betas from trained_betas but keeps num_train_timesteps=1000: len() is 1000, timesteps
+    start at 999, and the first step is an IndexError. Ours takes the length from trained_betas everywhere."""
+    ref = DDPMScheduler(trained_betas=[0.1, 0.3])
+    assert len(ref) == 1000 and ref.timesteps[0].item() == 999
+    x = torch.ones(1, 1, 2, 2)
+    with pytest.raises(IndexError):
+        ref.step(x, ref.timesteps[0], x)
+    ours = ScratchDDPMScheduler(trained_betas=[0.1, 0.3])
+    assert len(ours) == 2 and ours.timesteps.tolist() == [1, 0]
+    assert torch.isfinite(ours.step(0.1 * x, ours.timesteps[0], x).prev_sample).all()
+    # an explicit, different num_train_timesteps cannot both hold: an error naming both
+    with pytest.raises(ValueError, match="trained_betas has 2 values but num_train_timesteps=10"):
+        ScratchDDPMScheduler(num_train_timesteps=10, trained_betas=[0.1, 0.3])
+
+
+def test_zero_terminal_snr_with_epsilon_on_the_full_chain():
+    """Without set_timesteps the full chain starts at t = T-1, where zero-SNR gives abar = 0: diffusers returns inf
+    there (or, with clip_sample, the sign of x_t - eps as "x_0"); ours raises at that step (host or device path) and
+    steps like diffusers everywhere else."""
+    cfg = dict(rescale_betas_zero_snr=True, clip_sample=False)
+    ref, ours = DDPMScheduler(**cfg), ScratchDDPMScheduler(**cfg)
+    x, eps = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    out = ref.step(eps, 999, x, generator=torch.Generator().manual_seed(0)).pred_original_sample
+    assert not torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="abar_t = 0"):
+        ours.step(eps, 999, x)
+    ours._host_lookup = False
+    with pytest.raises(ValueError, match="abar_t = 0"):
+        ours.step(eps.expand(2, 3, 4, 4), torch.tensor([999, 5]), x.expand(2, 3, 4, 4))
+    ours._host_lookup = True
+    for t in (998, 0):
+        torch.testing.assert_close(ours.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                                   ref.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_get_variance_forms_where_the_conventions_differ():
+    """_get_variance returns diffusers' form for every type. For 'learned' the channels are a log variance here
+    (Improved DDPM), so the variance is exp(channels); diffusers returns the channels themselves. For
+    fixed_large_log diffusers' form is log beta_t (which its step then square-roots into NaN); ours is the same
+    log beta_t, and its step uses exp(0.5 log beta_t)."""
+    ours, ref = ScratchDDPMScheduler(variance_type="learned"), DDPMScheduler(variance_type="learned")
+    v = torch.full((1, 1, 2, 2), -3.0)
+    torch.testing.assert_close(ours._get_variance(500, predicted_variance=v), v.exp())
+    assert torch.equal(ref._get_variance(500, predicted_variance=v), v)
+    ours, ref = ScratchDDPMScheduler(variance_type="fixed_large_log"), DDPMScheduler(variance_type="fixed_large_log")
+    torch.testing.assert_close(ours._get_variance(500), ref._get_variance(500), rtol=1e-5, atol=0)
