@@ -3,7 +3,7 @@
 Interleaved repetitions (ours, diffusers, ours, ...) so that machine noise hits both alike; reports the
 median time per step, the spread (interquartile range) and the ratio ours / diffusers.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_scheduler.py [--device cuda] [--repeats 15]
+    OMP_NUM_THREADS=1 python benchmarks/bench_scheduler.py [--device cuda] [--repeats 15] [--only loop]
 """
 
 from __future__ import annotations
@@ -50,6 +50,28 @@ def full_loop(sched, shape, device, steps=1000):
     return time.perf_counter() - start
 
 
+def short_loop(sched, shape, device, steps=100):
+    """Seconds for the whole loop a pipeline runs: set_timesteps(steps), then x = step(0.1 x, t, x) for t in
+    scheduler.timesteps (the chain's coefficients are built inside this window, on whichever call builds them)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    sched.set_timesteps(steps, device=device)
+    for t in sched.timesteps:
+        x = sched.step(0.1 * x, t, x, generator=g).prev_sample
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def set_timesteps_only(sched, device, steps=100, calls=50):
+    """Seconds per set_timesteps(steps) call, alone."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        sched.set_timesteps(steps, device=device)
+    return (time.perf_counter() - start) / calls
+
+
 def compare(fn, repeats):
     ours, ref = [], []
     for _ in range(repeats):
@@ -69,6 +91,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
@@ -78,8 +101,12 @@ def main():
         ("step, batch 1x3x64x64", lambda s: time_steps(s, (1, 3, 64, 64), device), 1e6, "us/step"),
         ("step, batch 64x3x32x32", lambda s: time_steps(s, (64, 3, 32, 32), device), 1e6, "us/step"),
         ("1000-step loop, 1x3x64x64, trivial model", lambda s: full_loop(s, (1, 3, 64, 64), device), 1e3, "ms"),
+        ("set_timesteps(100) + 100 steps, 1x3x64x64", lambda s: short_loop(s, (1, 3, 64, 64), device), 1e3, "ms"),
+        ("set_timesteps(100) alone", lambda s: set_timesteps_only(s, device), 1e6, "us"),
     ]
     for name, fn, scale, unit in cases:
+        if args.only and args.only not in name:
+            continue
         fn(ScratchDDPMScheduler())  # warm-up (allocator, caches)
         fn(DDPMScheduler())
         r = compare(fn, args.repeats)
