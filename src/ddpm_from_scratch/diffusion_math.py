@@ -185,8 +185,8 @@ class ChainCoefficients(NamedTuple):
 
     def host_rows(self) -> list:
         """One ChainCoefficients of Python floats per step, for a step that reads no tensor."""
-        make = tuple.__new__
-        return [make(ChainCoefficients, row) for row in zip(*(torch.as_tensor(f, dtype=_F64).tolist() for f in self))]
+        make = tuple.__new__  # a NamedTuple from a row, without the keyword parsing of its constructor
+        return [make(ChainCoefficients, row) for row in self.stack().numpy().tolist()]
 
     def at(self, index, ndim: int = 1, device=None) -> "ChainCoefficients":
         """The rows at integer positions index (B,), each field shaped (B, 1, ..., 1) with ndim dims, on device."""

@@ -146,6 +146,20 @@ def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def _device_assert(condition: torch.Tensor, message: str) -> None:
+    """Stop with ``message`` unless the 0-d bool ``condition`` holds, without a host sync where the device allows:
+    a device-side assert (CUDA), else a host check (a sync, on devices without asynchronous asserts)."""
+    if condition.device.type != "cuda":
+        try:
+            torch._assert_async(condition, message)
+            return
+        except NotImplementedError:
+            if not bool(condition):
+                raise ValueError(message) from None
+            return
+    torch._assert_async(condition, message)
+
+
 def _native_generator(generator, device) -> bool:
     """True when torch can draw on ``device`` from ``generator`` directly (None, or one generator on that device)."""
     return generator is None or (isinstance(generator, torch.Generator) and generator.device == device)
@@ -433,12 +447,15 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
     def _host_timestep(self, timestep):
         """The timestep as a Python int when it can be read without a device sync, else None."""
         if isinstance(timestep, torch.Tensor):
-            if timestep.device.type == "cpu" and timestep.numel() == 1 and self._host_lookup:
-                value = timestep.numpy().ravel()[0]  # reads CPU memory: no dispatch, no sync
-                if timestep.is_floating_point():
-                    if not float(value).is_integer():
-                        raise ValueError(f"timestep must be an integer timestep of the schedule, got {float(value)}")
-                return int(value)
+            if timestep.is_cpu and timestep.numel() == 1 and self._host_lookup:
+                value = timestep.tolist()  # reads CPU memory: no dispatch, no sync
+                while isinstance(value, list):
+                    value = value[0]
+                if isinstance(value, float):
+                    if not value.is_integer():
+                        raise ValueError(f"timestep must be an integer timestep of the schedule, got {value}")
+                    value = int(value)
+                return value
             return None
         if _is_int(timestep):
             return int(timestep)
@@ -468,7 +485,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             if i < 0:
                 raise self._timestep_error([t])
             return lk.rows[i]
-        on_host = timestep.device.type == "cpu"
+        on_host = timestep.is_cpu
         if on_host:  # CPU values are read without a sync: a clear error before any work
             self._check_host_timesteps(timestep)
         table, index_of_t, _ = self._device_tables(sample.device, sample.dtype)
@@ -476,8 +493,8 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         t = _to_device(timestep, sample.device).long().reshape(-1)
         index = index_of_t.index_select(0, (t + 1).clamp(0, index_of_t.shape[0] - 1))
         if not on_host:  # accelerator values: checked on the device, no host sync; a failure stops the stream
-            torch._assert_async((index < table.shape[0] - 1).all(),
-                                "ScratchDDPMScheduler.step: a timestep is not in scheduler.timesteps")
+            _device_assert((index < table.shape[0] - 1).all(),
+                           "ScratchDDPMScheduler.step: a timestep is not in scheduler.timesteps")
         rows = table.index_select(0, index)  # (B or 1, K)
         if timestep.dim() == 0:
             return dm.ChainCoefficients.from_table(rows[0])
@@ -594,8 +611,8 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"timesteps {_short(sorted(set(bad.tolist())))} are outside the training chain: they "
                                  f"must lie in [0, num_train_timesteps - 1] = [0, {T - 1}]")
         else:  # checked on the device, no host sync
-            torch._assert_async(((index >= 0) & (index < T)).all(),
-                                f"ScratchDDPMScheduler.add_noise: timesteps must lie in [0, {T - 1}]")
+            _device_assert(((index >= 0) & (index < T)).all(),
+                           f"ScratchDDPMScheduler.add_noise: timesteps must lie in [0, {T - 1}]")
         coef = table.index_select(0, index)  # (B, 2)
         shape = (-1,) + (1,) * (like.dim() - 1)
         return coef[:, 0].view(shape), coef[:, 1].view(shape)
