@@ -112,14 +112,15 @@ def eps_from_x0(x_t, x_start, sqrt_abar, sqrt_one_minus_abar):
     return (x_t - sqrt_abar * x_start) / sqrt_one_minus_abar
 
 
-def x0_from_model_output(prediction_type: str, model_output, x_t, abar):
-    """x_0 recovered from an epsilon / sample / v prediction at signal level abar (tensor or float)."""
+def x0_from_model_output(prediction_type: str, model_output, x_t, c):
+    """x_0 recovered from an epsilon (Eq. 15) / sample / v prediction, with the step's coefficients ``c`` (a
+    ChainCoefficients row: floats, or tensors that broadcast over x_t)."""
     if prediction_type == "epsilon":
-        return x0_from_eps(x_t, model_output, abar**-0.5, (1.0 - abar) ** 0.5)
+        return x0_from_eps(x_t, model_output, c.sqrt_recip_abar, c.sqrt_one_minus_abar)
     if prediction_type == "sample":
         return model_output
     if prediction_type == "v_prediction":
-        return x0_from_v(x_t, model_output, abar**0.5, (1.0 - abar) ** 0.5)
+        return x0_from_v(x_t, model_output, c.sqrt_abar, c.sqrt_one_minus_abar)
     raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
 
 

@@ -125,7 +125,7 @@ def p_mean_log_variance(model_output, x_t, rows, *, prediction_type: str, varian
     pred, var_out = split_model_output(model_output, channels, variance_type)
     x_t = x_t.to(_F64)
     pred = pred.to(_F64)
-    x0 = clip_x0(dm.x0_from_model_output(prediction_type, pred, x_t, rows.abar), clip_config)
+    x0 = clip_x0(dm.x0_from_model_output(prediction_type, pred, x_t, rows), clip_config)
     mean = dm.posterior_mean(x0, x_t, rows.coef_x0, rows.coef_xt)
     if variance_type == "analytic" and bool(torch.isnan(rows.log_analytic_variance).any()):
         raise ValueError("variance_type='analytic' needs analytic_gamma (see estimate_analytic_gamma)")
@@ -324,7 +324,7 @@ def estimate_analytic_gamma(unet, scheduler, images: torch.Tensor, timesteps=Non
             x_t = dm.q_sample(x0, noise, rows.sqrt_abar, rows.sqrt_one_minus_abar)
             out = call_model(unet, x_t, torch.full((b,), t_val, dtype=torch.long, device=device), dtype)
             pred, _ = split_model_output(out, x0.shape[1], "fixed_small")
-            x0_pred = dm.x0_from_model_output(cfg.prediction_type, pred, x_t, rows.abar)
+            x0_pred = dm.x0_from_model_output(cfg.prediction_type, pred, x_t, rows)
             eps = dm.eps_from_x0(x_t, x0_pred, rows.sqrt_abar, rows.sqrt_one_minus_abar)
             total += float((eps**2).sum())
             if bar is not None:

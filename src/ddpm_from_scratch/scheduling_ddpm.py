@@ -515,7 +515,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         c = self._coefficients(timestep, sample)
 
         # x_0 from the model's prediction (Eq. 15 for epsilon; x_0 directly; or from v), then clipping.
-        x0 = self._clip_x0(self._predict_x0(model_output, sample, c))
+        x0 = self._clip_x0(dm.x0_from_model_output(self.config.prediction_type, model_output, sample, c))
 
         # Posterior mean mu~_t(x_t, x_0) (Eq. 7).
         mean = dm.posterior_mean(x0, sample, c.coef_x0, c.coef_xt)
@@ -532,15 +532,6 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, x0)
         return ScratchDDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
-
-    def _predict_x0(self, model_output: torch.Tensor, sample: torch.Tensor, c: dm.ChainCoefficients) -> torch.Tensor:
-        """x_0 from an epsilon (Eq. 15), sample or v prediction."""
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            return dm.x0_from_eps(sample, model_output, c.sqrt_recip_abar, c.sqrt_one_minus_abar)
-        if prediction_type == "sample":
-            return model_output
-        return dm.x0_from_v(sample, model_output, c.sqrt_abar, c.sqrt_one_minus_abar)
 
     def _split_variance(self, model_output: torch.Tensor, sample: torch.Tensor):
         """(prediction, variance output or None), checking the model output's shape against the sample's."""
