@@ -281,3 +281,24 @@ def test_bad_arguments_raise():
         L.bits_per_dim(model, sched, [x])
     with pytest.raises(ValueError, match="variance_type"):  # a learned variance needs a 2C output
         L.bits_per_dim(model, sched, x, variance_type="learned_range")
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned", "learned_range", "analytic"])
+def test_sampler_and_bound_use_the_same_reverse_variance(variance_type):
+    """dm.reverse_log_variance is the one home of the variance choice: the sigma_t^2 that step() draws with equals
+    exp(log sigma^2) of the bound's p_theta, at every step but the last (where the sampler adds no noise)."""
+    T = 50
+    gamma = np.linspace(0.2, 1.0, T).tolist() if variance_type == "analytic" else None
+    sched = ScratchDDPMScheduler(num_train_timesteps=T, variance_type=variance_type, analytic_gamma=gamma, clip_sample=False)
+    sched.set_timesteps(7)
+    ts = sched.timesteps
+    tab = L.chain(sched, ts, analytic_gamma=gamma)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 3, 3, generator=g, dtype=torch.float64)
+    learned = variance_type.startswith("learned")
+    out = torch.cat([x, torch.rand(1, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1], 1) if learned else x
+    for i, t in enumerate(ts.tolist()[:-1]):
+        _, log_var, _ = L.p_mean_log_variance(out, x, tab.at([i], 4), prediction_type="epsilon", variance_type=variance_type)
+        std = sched._std(sched._coefficients(t, x), out[:, 1:] if learned else None)
+        torch.testing.assert_close(torch.as_tensor(std, dtype=torch.float64).expand_as(log_var) ** 2, log_var.exp(),
+                                   rtol=1e-10, atol=0)
