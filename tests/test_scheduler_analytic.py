@@ -138,8 +138,8 @@ def test_wrong_alpha_bar_index_or_variance_fails():
     large = ScratchDDPMScheduler(clip_sample=False, variance_type="fixed_large")
     large.set_timesteps(steps)
     mutants = {
-        "abar[t+1]": mutant(steps, lambda ts: shifted._chain_lookup().rows),
-        "prev=t-1": mutant(steps, lambda ts: [full._chain_lookup().rows[full._chain_lookup().index[t]] for t in ts]),
+        "abar[t+1]": mutant(steps, lambda ts: [shifted._chain_lookup().row(i) for i in range(len(ts))]),
+        "prev=t-1": mutant(steps, lambda ts: [full._chain_lookup().row(full._chain_lookup().index[t]) for t in ts]),
         "fixed_large instead of fixed_small": large,
     }
     g = torch.Generator().manual_seed(0)

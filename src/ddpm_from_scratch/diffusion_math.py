@@ -184,11 +184,6 @@ class ChainCoefficients(NamedTuple):
         """The inverse of stack for a (..., K) table: one field per last-dim column."""
         return cls(*table.unbind(-1))
 
-    def host_rows(self) -> list:
-        """One ChainCoefficients of Python floats per step, for a step that reads no tensor."""
-        make = tuple.__new__  # a NamedTuple from a row, without the keyword parsing of its constructor
-        return [make(ChainCoefficients, row) for row in self.stack().numpy().tolist()]
-
     def at(self, index, ndim: int = 1, device=None) -> "ChainCoefficients":
         """The rows at integer positions index (B,), each field shaped (B, 1, ..., 1) with ndim dims, on device."""
         index = torch.as_tensor(index, dtype=torch.long).cpu()

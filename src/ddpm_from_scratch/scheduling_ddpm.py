@@ -33,8 +33,8 @@ from . import diffusion_math as dm
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 # Bounds checked before anything is allocated. T = 10^6 training steps is 250x the longest chain in use (4000,
-# Improved DDPM) and keeps the float64 coefficient tables (13 columns) near 100 MB; a continuous-time model is
-# better served by a continuous-time scheduler than by a longer table.
+# Improved DDPM); at the bound the float64 tables (13 columns, ~100 MB) take ~0.8 GB peak and ~6 s to build on one
+# CPU core, past it they grow without limit. A continuous-time model is better served by a continuous-time scheduler.
 MAX_TRAIN_TIMESTEPS = 1_000_000
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000  # diffusers' default, written into every saved DDPMScheduler config
 BOOLEAN_KEYS = ("clip_sample", "thresholding", "rescale_betas_zero_snr")
@@ -181,17 +181,25 @@ def _gaussian_draw(mean: torch.Tensor, std, generator) -> torch.Tensor:
 
 
 class _Lookup:
-    """Host-side view of the visited chain: one ChainCoefficients of floats per step, and the step index of each
-    training timestep t (-1 where t is not visited, or where it cannot be used)."""
+    """Host-side view of the visited chain: its coefficients, one ChainCoefficients of Python floats per step
+    (made on first use), and the step index of each training timestep t (-1 where t is not visited or unusable)."""
 
-    __slots__ = ("chain", "rows", "index", "index_np", "prev_np")
+    __slots__ = ("chain", "table", "rows", "index", "index_np", "prev_np")
 
     def __init__(self, chain: dm.ChainCoefficients, index_np: np.ndarray, prev_np: np.ndarray):
         self.chain = chain  # (N,) float64 fields
-        self.rows = chain.host_rows()  # N ChainCoefficients of Python floats
+        self.table = chain.stack().numpy()  # (N, K) float64, columns in field order
+        self.rows = [None] * self.table.shape[0]
         self.index_np = index_np  # (T,) int64, -1 = not in the schedule
         self.index = index_np.tolist()
         self.prev_np = prev_np  # (T,) int64: the timestep visited after t (-1 after the last)
+
+    def row(self, i: int) -> dm.ChainCoefficients:
+        """Step i's coefficients as Python floats."""
+        r = self.rows[i]
+        if r is None:  # tuple.__new__: a NamedTuple from a row without its constructor's keyword parsing
+            r = self.rows[i] = tuple.__new__(dm.ChainCoefficients, self.table[i].tolist())
+        return r
 
 
 class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
@@ -401,7 +409,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             zero = [v for v in values if isinstance(v, int) and 0 <= v < T and self._abar_np[v] == 0]
             if zero and self.config.prediction_type == "epsilon":
                 return ValueError(
-                    f"timestep {shown}: abar_t = 0 there (rescale_betas_zero_snr=True), so prediction_type='epsilon' "
+                    f"timestep {shown}: abar_t = 0 there (zero terminal SNR, or a signal that underflows), so prediction_type='epsilon' "
                     f"cannot recover x_0; use prediction_type='v_prediction', or set_timesteps with 'leading' spacing"
                 )
             return ValueError(f"timestep {shown} is outside the schedule: without set_timesteps the valid timesteps "
@@ -434,9 +442,9 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         key = (torch.device(device), dtype)
         if key not in self._device_cache:
             lk = self._chain_lookup()
-            n = len(lk.rows)
+            n = lk.table.shape[0]
             nan_row = torch.full((1, len(dm.ChainCoefficients._fields)), float("nan"), dtype=torch.float64)
-            table = _to_device(torch.cat([lk.chain.stack(), nan_row]).to(dtype), device)
+            table = _to_device(torch.cat([torch.from_numpy(lk.table), nan_row]).to(dtype), device)
             # position t + 1 holds the step index of t; positions 0 and T + 1 catch t < 0 and t >= T
             index = np.concatenate([[-1], lk.index_np, [-1]])
             index_of_t = torch.from_numpy(np.where(index < 0, n, index))
@@ -484,7 +492,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
             i = lk.index[t] if 0 <= t < len(lk.index) else -1
             if i < 0:
                 raise self._timestep_error([t])
-            return lk.rows[i]
+            return lk.row(i)
         on_host = timestep.is_cpu
         if on_host:  # CPU values are read without a sync: a clear error before any work
             self._check_host_timesteps(timestep)
