@@ -147,17 +147,13 @@ def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 
 
 def _device_assert(condition: torch.Tensor, message: str) -> None:
-    """Stop with ``message`` unless the 0-d bool ``condition`` holds, without a host sync where the device allows:
-    a device-side assert (CUDA), else a host check (a sync, on devices without asynchronous asserts)."""
-    if condition.device.type != "cuda":
-        try:
-            torch._assert_async(condition, message)
-            return
-        except NotImplementedError:
-            if not bool(condition):
-                raise ValueError(message) from None
-            return
-    torch._assert_async(condition, message)
+    """Stop with ``message`` unless the 0-d bool ``condition`` holds. On CUDA a device-side assert (no host sync;
+    the error surfaces at the next synchronisation); a device without asynchronous asserts checks on the host."""
+    try:
+        torch._assert_async(condition, message)
+    except NotImplementedError:
+        if not bool(condition):
+            raise ValueError(message) from None
 
 
 def _native_generator(generator, device) -> bool:
