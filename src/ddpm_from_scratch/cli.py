@@ -81,10 +81,10 @@ def parse_device(value: str) -> str:
 
 def check_output_file(path: str, flag: str, extensions: tuple[str, ...] | None = None) -> str:
     """A file that can be written: not a folder, in an existing writable folder, with an allowed extension."""
-    if extensions is not None and os.path.splitext(path)[1].lower() not in extensions:
-        raise CLIError(f"{flag} must end in {', '.join(extensions)}, got {path!r}")
     if os.path.isdir(path):
         raise CLIError(f"{flag} {path!r} is a folder; give a file name")
+    if extensions is not None and os.path.splitext(path)[1].lower() not in extensions:
+        raise CLIError(f"{flag} must end in {', '.join(extensions)}, got {path!r}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIError(f"{flag} {path!r}: folder {folder!r} does not exist")
@@ -165,7 +165,7 @@ def load_model(model: str, device=None, revision: str | None = None, progress: b
     folder's unet/ + scheduler/ subfolders); the UNet on ``device`` in eval mode. Pickle-only weights are refused."""
     from diffusers.utils import logging as diffusers_logging
 
-    hide = not progress and not diffusers_logging.are_progress_bars_disabled()
+    hide = not progress and diffusers_logging.is_progress_bar_enabled()
     if hide:
         diffusers_logging.disable_progress_bar()
     try:
@@ -197,6 +197,13 @@ def _load_model(model: str, device, revision: str | None):
             raise CLIError(f"--model {model!r}: cannot load this {where}{at}: {_one_line(err)}") from err
         unet, scheduler = pipe.unet, pipe.scheduler
     return unet.to(device).eval(), scheduler
+
+
+def check_variance_available(variance_type: str | None, scheduler, model: str) -> None:
+    """``--variance_type analytic`` needs Gamma_t in the model's scheduler config: say how to get it."""
+    if variance_type == "analytic" and scheduler.config.get(likelihood.ANALYTIC_CONFIG_KEY) is None:
+        raise CLIError(f"--variance_type analytic needs Analytic-DPM's Gamma_t in the scheduler config of {model!r}; "
+                       f"store it first with: ddpm-from-scratch estimate-variance --model {model}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +310,7 @@ def evaluate(args) -> dict:
         check_output_file(args.json, "--json")
     num_samples = args.num_samples or 1000
     unet, scheduler = load_model(args.model, args.device, args.revision, not args.no_progress)
+    check_variance_available(args.variance_type, scheduler, args.model)
     out = digits_report(unet, scheduler, num_inference_steps=args.steps, num_images=args.num_images,
                         num_samples=num_samples if args.fdd else 0, variance_type=args.variance_type,
                         batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
@@ -353,6 +361,7 @@ def sample(args) -> list[str]:
     if args.out_dir is not None:
         check_output_dir(args.out_dir, "--out_dir")
     unet, scheduler = load_model(args.model, args.device, args.revision, not args.no_progress)
+    check_variance_available(args.variance_type, scheduler, args.model)
     gen = torch.Generator().manual_seed(args.seed)
     samples = likelihood.sample_images(unet, scheduler, args.num_images, args.steps, variance_type=args.variance_type,
                                        batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
