@@ -364,7 +364,7 @@ def test_model_from_the_hub_with_revision(tmp_path):
     for name, (code, err) in result["errors"].items():
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-        assert "--model 'user/" in lines[0] and "cannot load this Hub repo" in lines[0]
+        assert "--model 'user/" in lines[0] and "as a Hub repo id" in lines[0]
     assert "no-such-branch" in result["errors"]["revision"][1]
     assert not (tmp_path / "never.png").exists()
 

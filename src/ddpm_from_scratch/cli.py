@@ -192,9 +192,11 @@ def _load_model(model: str, device, revision: str | None):
         try:
             pipe = ScratchDDPMPipeline.from_pretrained(model, **kwargs)
         except Exception as err:
-            where = "Hub repo" if kind == "repo" else "folder"
-            at = f" at --revision {revision!r}" if revision is not None else ""
-            raise CLIError(f"--model {model!r}: cannot load this {where}{at}: {_one_line(err)}") from err
+            if kind == "repo":
+                at = f" at --revision {revision!r}" if revision is not None else ""
+                raise CLIError(f"--model {model!r} is not a local folder, and as a Hub repo id{at} it cannot be "
+                               f"loaded: {_one_line(err)}") from err
+            raise CLIError(f"--model {model!r}: cannot load this folder: {_one_line(err)}") from err
         unet, scheduler = pipe.unet, pipe.scheduler
     return unet.to(device).eval(), scheduler
 

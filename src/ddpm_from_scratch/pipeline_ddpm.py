@@ -49,7 +49,7 @@ _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only"
 # Modules of this package that define pipeline components (they appear in model_index.json).
 _COMPONENT_MODULES = (scheduling_ddpm,)
 _PACKAGE = __name__.split(".")[0]
-# Floating dtypes a UNet can sample in, per device type (others: float32 only is assumed safe).
+# Floating dtypes a UNet can sample in (the limits of particular devices are in check_dtype_device).
 SAMPLING_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
