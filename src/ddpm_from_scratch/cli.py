@@ -127,9 +127,10 @@ def checkpoint_hint(folder: str) -> str | None:
         if os.path.isfile(os.path.join(run_dir, "model_index.json")):
             return (f"--model {folder!r} is a training checkpoint (the state to resume training from), not a "
                     f"pipeline; use the pipeline that training exported: --model {run_dir}")
+    run = os.path.dirname(parent) if os.path.basename(parent).startswith("previous-checkpoints-") else parent
     return (f"--model {folder!r} is a training checkpoint (the state to resume training from), not a pipeline, and "
-            f"{parent!r} holds no exported pipeline yet; finish the run with `python training/train.py --output_dir "
-            f"{parent} --resume_from_checkpoint latest` (it exports the pipeline to {parent}), then pass --model {parent}")
+            f"{run!r} holds no exported pipeline yet; finish the run with `python training/train.py --output_dir "
+            f"{run} --resume_from_checkpoint latest` (it exports the pipeline to {run}), then pass --model {run}")
 
 
 def resolve_model(model: str, revision: str | None = None, *, local_only: bool = False) -> str:
