@@ -471,3 +471,27 @@ def test_client_network_guard_refuses_and_records_non_loopback(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(log.read_text()) == ["connect 10.255.255.1:80", "resolve 10.255.255.2",
                                            "resolve huggingface.co"]
+
+
+def test_write_model_card_is_atomic(tmp_path, monkeypatch):
+    """write_model_card goes through fileio: a failed rename keeps the old card (and the folder) exactly as it was,
+    with no temporary file left behind; an outside sample grid is copied in the same way."""
+    from ddpm_from_scratch.hub import write_model_card
+
+    (tmp_path / "README.md").write_text("old card")
+    grid = tmp_path.parent / f"{tmp_path.name}-grid.png"
+    grid.write_bytes(b"png bytes")
+    before = sorted(os.listdir(tmp_path))
+
+    def failing_replace(src, dst):
+        raise OSError("disk full (test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match="disk full"):
+            write_model_card(tmp_path, "user/m", sample_grid=grid)
+    assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "README.md").read_text() == "old card"
+    path = write_model_card(tmp_path, "user/m", sample_grid=grid)
+    assert path == str(tmp_path / "README.md") and "![samples](" + grid.name + ")" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / grid.name).read_bytes() == b"png bytes"
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, grid.name])

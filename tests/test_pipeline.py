@@ -6,9 +6,11 @@ return the point itself. Repo ids are loaded from a hand-built Hugging Face cach
 conftest); the HTTP round trip is tested in test_hub.py.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 
 import diffusers
 import numpy as np
@@ -86,6 +88,7 @@ def target_image(channels=3, size=8):
     return img
 
 
+@pytest.mark.filterwarnings("ignore:the UNet is float16 on the CPU")
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_analytic_denoiser_recovers_the_point(dtype, atol):
     target = target_image()
@@ -187,6 +190,7 @@ def test_two_channels_np_ok_pil_refused():
         pipe(num_inference_steps=2, output_type="pil")
 
 
+@pytest.mark.filterwarnings("ignore:the UNet is float16 on the CPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_unet(dtype):
     unet = tiny_unet().to(dtype)
@@ -461,3 +465,169 @@ def test_package_import_alone_registers_the_pipeline():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# No silent wrong result: non-finite samples, dtypes a device cannot use (issue 10)
+# ----------------------------------------------------------------------------------------------
+from ddpm_from_scratch import pipeline_ddpm as P  # noqa: E402
+
+
+def _nan_weights_unet():
+    unet = tiny_unet()
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    return unet
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt"])
+def test_nan_weights_raise_instead_of_black_images(output_type):
+    pipe = scratch_pipe(_nan_weights_unet())
+    with pytest.raises(P.NonFiniteSampleError, match=r"NaN/inf after 3 steps.*weights.*conv_in\.weight"):
+        pipe(batch_size=2, generator=gen(0), num_inference_steps=3, output_type=output_type)
+
+
+class _NaNAtTimestep(PointMassDenoiser):
+    """The exact denoiser, except that its output is NaN at one timestep (weights stay finite)."""
+
+    def __init__(self, target, bad_t):
+        super().__init__(target)
+        self.bad_t = bad_t
+
+    def forward(self, sample, timestep, return_dict=True):
+        out = super().forward(sample, timestep, return_dict=False)[0]
+        if int(timestep) == self.bad_t:
+            out = torch.full_like(out, float("nan"))
+        return (out,) if not return_dict else diffusers.models.unets.unet_2d.UNet2DOutput(sample=out)
+
+
+def test_non_finite_model_output_raises():
+    sched = ScratchDDPMScheduler()
+    sched.set_timesteps(5)
+    bad_t = int(sched.timesteps[2])
+    pipe = quiet(ScratchDDPMPipeline(_NaNAtTimestep(target_image(channels=1), bad_t), ScratchDDPMScheduler()))
+    with pytest.raises(P.NonFiniteSampleError, match="became non-finite during sampling"):
+        pipe(num_inference_steps=5, generator=gen(0), output_type="np")
+    # the same denoiser with a finite output everywhere samples normally
+    ok = quiet(ScratchDDPMPipeline(_NaNAtTimestep(target_image(channels=1), -1), ScratchDDPMScheduler()))
+    assert np.isfinite(ok(num_inference_steps=5, generator=gen(0), output_type="np").images).all()
+
+
+def test_non_finite_latents_from_a_callback_raise():
+    def callback(p, i, t, kwargs):
+        return {"latents": torch.full_like(kwargs["latents"], float("inf"))} if i == 1 else {}
+
+    with pytest.raises(P.NonFiniteSampleError, match="callback_on_step_end"):
+        scratch_pipe()(num_inference_steps=3, callback_on_step_end=callback, output_type="pt")
+
+
+def test_non_finite_x_T_is_refused_before_the_loop():
+    pipe = scratch_pipe()
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    noise = torch.randn(1, 3, 8, 8)
+    noise[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="latents"):
+        pipe(num_inference_steps=2, latents=noise)
+    assert calls == []
+
+
+def test_float16_on_cpu_says_so():
+    pipe = scratch_pipe(tiny_unet().to(torch.float16))
+    with pytest.warns(UserWarning, match="float16 on the CPU.*float32"):
+        images = pipe(num_inference_steps=2, generator=gen(0), output_type="pt").images
+    assert torch.isfinite(images).all()
+    with warnings_as_errors():  # float32 and bfloat16 on a CPU: no message
+        scratch_pipe(tiny_unet())(num_inference_steps=2, output_type="pt")
+        scratch_pipe(tiny_unet().to(torch.bfloat16))(num_inference_steps=2, output_type="pt")
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
+
+
+def test_unusable_dtype_refused_before_the_loop():
+    unet = tiny_unet().to(torch.float8_e4m3fn)
+    calls = []
+    unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match=r"dtype torch\.float8_e4m3fn cannot sample.*float32"):
+        scratch_pipe(unet)(num_inference_steps=2)
+    assert calls == []
+    with pytest.raises(ValueError, match="float64 is not supported on mps"):
+        P.check_dtype_device(torch.float64, torch.device("mps"))
+    P.check_dtype_device(torch.float64, torch.device("cpu"))  # float64 on a CPU is fine
+
+
+def test_from_pretrained_with_float16_on_cpu_says_so(saved):
+    folder, _ = saved
+    pipe = quiet(ScratchDDPMPipeline.from_pretrained(folder, dtype=torch.float16))
+    assert pipe.unet.dtype == torch.float16
+    with pytest.warns(UserWarning, match="float16 on the CPU"):
+        pipe(num_inference_steps=2, output_type="np")
+
+
+@pytest.mark.parametrize("loader", [DiffusionPipeline, DDPMPipeline])
+def test_diffusers_loaders_refuse_pickle_only_folders_too(saved, tmp_path, loader):
+    folder, pipe = saved
+    pickled = _pickle_only_copy(folder, tmp_path / "pickled")
+    with pytest.raises(ValueError, match=r"'unet'.*only pickle weights.*use_safetensors=False"):
+        loader.from_pretrained(pickled)
+    loaded = loader.from_pretrained(pickled, use_safetensors=False)  # the explicit opt-in still works
+    assert _same_weights(loaded, pipe)
+
+
+def test_diffusion_pipeline_refuses_pickle_only_repo(saved, tmp_path):
+    folder, _ = saved
+    pickled = _pickle_only_copy(folder, tmp_path / "pickled")
+    _fake_hub_cache(tmp_path / "cache", "someone/pickled", pickled)
+    with pytest.raises(ValueError, match="only pickle weights"):
+        DiffusionPipeline.from_pretrained("someone/pickled", cache_dir=tmp_path / "cache")
+
+
+def test_pickle_guard_leaves_other_pipelines_alone(tmp_path):
+    """A plain DDPMPipeline folder (diffusers' own scheduler) with pickle weights loads as diffusers decides."""
+    ref = DDPMPipeline(tiny_unet(), DDPMScheduler())
+    ref.save_pretrained(tmp_path / "plain")
+    _pickle_only_copy(tmp_path / "plain", tmp_path / "plain-pickled")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "plain-pickled")
+    assert type(loaded) is DDPMPipeline and _same_weights(loaded, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# register_with_diffusers: the private API it was written against is checked
+# ----------------------------------------------------------------------------------------------
+def test_registration_wraps_the_loader_once():
+    from diffusers.pipelines import pipeline_utils
+
+    before = pipeline_utils.load_sub_model
+    assert P.register_with_diffusers() is True and P.register_with_diffusers() is True
+    assert pipeline_utils.load_sub_model is before and getattr(before, P._GUARD_MARK)
+    assert P.diffusers_integration_problem(diffusers.__version__) is None
+
+
+def test_registration_warns_on_another_diffusers_version(monkeypatch):
+    monkeypatch.setattr(diffusers, "__version__", "0.99.0")
+    with pytest.warns(UserWarning, match=r"written against diffusers 0\.42\.x.*0\.99\.0.*pip install 'diffusers==0\.42\.\*'"):
+        assert P.register_with_diffusers() is True
+    monkeypatch.setattr(diffusers, "__version__", "0.42.7")  # a patch release of the same series: silent
+    with warnings_as_errors():
+        assert P.register_with_diffusers() is True
+
+
+def test_registration_refuses_a_changed_private_api(monkeypatch):
+    from diffusers.pipelines import pipeline_utils
+
+    monkeypatch.delattr(diffusers, "ScratchDDPMPipeline")
+    monkeypatch.delattr(pipeline_loading_utils, "LOADABLE_CLASSES")
+    with pytest.raises(P.DiffusersIntegrationError, match=r"LOADABLE_CLASSES.*pip install 'diffusers==0\.42\.\*'"):
+        P.register_with_diffusers()
+    with pytest.warns(UserWarning, match="cannot register"):
+        assert P.register_with_diffusers(strict=False) is False
+    assert not hasattr(diffusers, "ScratchDDPMPipeline")  # nothing half-registered
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline_utils, "load_sub_model", lambda library_name, class_name: None)
+    kind, message = P.diffusers_integration_problem(diffusers.__version__)
+    assert kind == "api" and "cached_folder" in message and "load_sub_model" in message

@@ -6,11 +6,11 @@ writes src/ddpm_from_scratch/digits_classifier.safetensors (atomically) and prin
 """
 
 import argparse
-import os
 
 import torch
 from safetensors.torch import save_file
 
+from ddpm_from_scratch.fileio import atomic_write
 from ddpm_from_scratch.metrics import DIGITS_CLASSIFIER_FILE, train_digits_classifier
 
 
@@ -26,9 +26,8 @@ def main(argv=None):
     print(f"held-out accuracy: {acc:.4f}")
     if acc < args.min_accuracy:
         raise SystemExit(f"accuracy {acc:.4f} < --min_accuracy {args.min_accuracy}; weights not written")
-    tmp = args.out + ".tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, args.out)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(args.out, lambda tmp: save_file(tensors, tmp))
     print(f"wrote {args.out}")
 
 

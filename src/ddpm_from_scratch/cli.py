@@ -1,64 +1,48 @@
-"""Console entry point ``ddpm-from-scratch``: ``evaluate`` (bits/dim, optionally FDD) and ``sample`` (a PNG grid).
+"""Console entry point ``ddpm-from-scratch``: ``evaluate`` (bits/dim, optionally FDD), ``estimate-variance``
+(Analytic-DPM's Gamma_t into the scheduler config) and ``sample`` (a PNG grid and/or one PNG per image).
 
-    ddpm-from-scratch evaluate --model DIR [--num_images 360] [--steps K] [--variance_type fixed_large] [--fdd]
-    ddpm-from-scratch sample --model DIR --num_images 16 --steps 100 --out grid.png
+    ddpm-from-scratch evaluate --model DIR_OR_REPO [--revision REV] [--num_images 359] [--steps K] [--fdd] [--json F]
+    ddpm-from-scratch estimate-variance --model DIR [--steps K] [--num_images 512]
+    ddpm-from-scratch sample --model DIR_OR_REPO [--revision REV] --num_images 64 --steps 100 --out grid.png [--out_dir D]
 
-``--model`` is a folder written by ``ScratchDDPMPipeline.save_pretrained`` (subfolders ``unet`` and ``scheduler``).
-Evaluation data: the held-out split of the built-in digits at the model's resolution (metrics.digits_images).
-This module only wires: the bound lives in likelihood.py, the metrics in metrics.py.
+``--model`` is resolved as ``ScratchDDPMPipeline.from_pretrained`` resolves it: an existing folder written by
+``save_pretrained`` (or with ``unet/`` and ``scheduler/`` subfolders), else a Hub repo id (``user/name``) at
+``--revision`` (branch, tag or commit). Evaluation data: the held-out split of the built-in digits at the model's
+resolution (metrics.digits_images).
+
+Every error is one line on stderr and exit status 2, and every argument and path is checked before the model is
+loaded or anything is computed (set DDPM_FROM_SCRATCH_TRACEBACK=1 to see the traceback of an unexpected error).
+Each subcommand is one ``add_<name>_parser`` function plus one function that runs it (``set_defaults(run=...)``).
+This module only wires: the bound lives in likelihood.py, the metrics in metrics.py, grids in images.py, atomic
+writes in fileio.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import sys
 
 import torch
 
 from . import likelihood
 
-
-def load_model(folder: str, device=None):
-    """(unet, scheduler) from a saved pipeline folder (ScratchDDPMPipeline, else the unet/ + scheduler/ subfolders)."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"--model {folder!r} is not a folder (expected a saved pipeline with unet/ and scheduler/)")
-    from .pipeline_ddpm import ScratchDDPMPipeline
-
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
-        pipe = ScratchDDPMPipeline.from_pretrained(folder)
-        unet, scheduler = pipe.unet, pipe.scheduler
-    else:
-        from diffusers import UNet2DModel
-
-        from .scheduling_ddpm import ScratchDDPMScheduler
-
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
-        scheduler = ScratchDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    return unet.to(device).eval(), scheduler
+PROG = "ddpm-from-scratch"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TRACEBACK_ENV = "DDPM_FROM_SCRATCH_TRACEBACK"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
+# Files Accelerate's save_state / the training script write into a checkpoint-<step> folder.
+_CHECKPOINT_MARKERS = ("training_state.json", "optimizer.bin", "random_states_0.pkl", "model.safetensors")
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None):
-    """(N, C, H, W) in [-1, 1] -> one PIL image (train_utils.image_grid with 1 px gaps)."""
-    from .train_utils import image_grid as grid
-
-    return grid(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy(), nrow=nrow, pad=1)
+class CLIError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
 
 
-def save_atomically(image, path: str) -> None:
-    """Write a PIL image via a temporary file + rename, so an existing file is never left half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {path!r}: folder {folder!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-        raise ValueError(f"--out must end in .png, .jpg, .jpeg, .webp or .bmp, got {path!r}")
-    tmp = path + ".tmp" + ext
-    image.save(tmp)
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------------------------
+# Argument types and path checks (all run before any work)
+# ----------------------------------------------------------------------------------------------
 def _positive_int(name):
     def parse(value: str) -> int:
         try:
@@ -72,104 +56,356 @@ def _positive_int(name):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm-from-scratch", description="DDPM from scratch: evaluate and sample.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parse_device(value: str) -> str:
+    """``--device``: a torch device string whose device exists on this machine (cpu, cuda, cuda:N, mps, ...)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"--device must be a torch device such as cpu, cuda, cuda:0 or mps, "
+                                         f"got {value!r}") from None
+    if device.type == "cpu":
+        return value
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("--device meta holds no data and cannot sample; use cpu or a GPU")
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise argparse.ArgumentTypeError(f"--device {value!r}: no {device.type} device is available here "
+                                         f"(torch {torch.__version__}); use --device cpu")
+    count = getattr(getattr(torch, device.type, None), "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise argparse.ArgumentTypeError(f"--device {value!r}: this machine has {count()} {device.type} device(s) "
+                                         f"(indices 0..{count() - 1})")
+    return value
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="folder of a saved pipeline (unet/ + scheduler/)")
-    common.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                        help="sampling / bound steps (respaced chain); default: all training timesteps")
-    common.add_argument("--variance_type", choices=likelihood.VARIANCE_CHOICES, default=None,
-                        help="reverse variance; default: the scheduler's ('analytic' needs analytic_gamma in its config)")
-    common.add_argument("--batch_size", type=_positive_int("--batch_size"), default=128)
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
-    ev = sub.add_parser("evaluate", parents=[common], help="bits/dim on held-out digits (and optionally FDD)")
+def check_output_file(path: str, flag: str, extensions: tuple[str, ...] | None = None) -> str:
+    """A file that can be written: not a folder, in an existing writable folder, with an allowed extension."""
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a folder; give a file name")
+    if extensions is not None and os.path.splitext(path)[1].lower() not in extensions:
+        raise CLIError(f"{flag} must end in {', '.join(extensions)}, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"{flag} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path!r}: folder {folder!r} is not writable")
+    return path
+
+
+def check_output_dir(path: str, flag: str) -> str:
+    """A folder that exists and is writable, or that can be created in an existing writable folder."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise CLIError(f"{flag} {path!r} is a file; give a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CLIError(f"{flag} {path!r} is not writable")
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"{flag} {path!r}: folder {parent!r} does not exist (only the last level is created)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path!r}: folder {parent!r} is not writable")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# --model: a folder or a Hub repo id, as ScratchDDPMPipeline.from_pretrained resolves it
+# ----------------------------------------------------------------------------------------------
+def checkpoint_hint(folder: str) -> str | None:
+    """For a training ``checkpoint-<step>`` folder (resume state, not a pipeline): what to pass as --model instead."""
+    folder = os.path.abspath(folder)
+    name = os.path.basename(folder)
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return None
+    named = bool(_CHECKPOINT_RE.match(name))
+    marked = [m for m in _CHECKPOINT_MARKERS if os.path.isfile(os.path.join(folder, m))]
+    if not (named or "training_state.json" in marked or len(marked) >= 2):
+        return None
+    parent = os.path.dirname(folder)
+    for run_dir in (parent, os.path.dirname(parent)):  # output_dir/checkpoint-N, output_dir/previous-checkpoints-n/...
+        if os.path.isfile(os.path.join(run_dir, "model_index.json")):
+            return (f"--model {folder!r} is a training checkpoint (the state to resume training from), not a "
+                    f"pipeline; use the pipeline that training exported: --model {run_dir}")
+    run = os.path.dirname(parent) if os.path.basename(parent).startswith("previous-checkpoints-") else parent
+    return (f"--model {folder!r} is a training checkpoint (the state to resume training from), not a pipeline, and "
+            f"{run!r} holds no exported pipeline yet; finish the run with `python training/train.py --output_dir "
+            f"{run} --resume_from_checkpoint latest` (it exports the pipeline to {run}), then pass --model {run}")
+
+
+def resolve_model(model: str, revision: str | None = None, *, local_only: bool = False) -> str:
+    """Checks ``--model`` (and ``--revision``) without loading anything; returns "folder" or "repo"."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(model):
+        hint = checkpoint_hint(model)
+        if hint is not None:
+            raise CLIError(hint)
+        has_index = os.path.isfile(os.path.join(model, "model_index.json"))
+        has_parts = all(os.path.isdir(os.path.join(model, sub)) for sub in ("unet", "scheduler"))
+        if not (has_index or has_parts):
+            raise CLIError(f"--model {model!r} is a folder but not a saved pipeline (no model_index.json, nor unet/ "
+                           "and scheduler/ subfolders)")
+        if revision is not None:
+            raise CLIError(f"--revision {revision!r} applies to a Hub repo id; --model {model!r} is a local folder")
+        return "folder"
+    if os.path.exists(model):
+        raise CLIError(f"--model {model!r} is a file; give the pipeline's folder or a Hub repo id")
+    if local_only:
+        raise CLIError(f"--model {model!r} is not a local folder; this command writes into the model's folder, so it "
+                       "needs a local copy (a saved pipeline folder)")
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise CLIError(f"--model {model!r} is neither an existing folder nor a Hub repo id ('user/name')") from None
+    return "repo"
+
+
+def load_model(model: str, device=None, revision: str | None = None, progress: bool = True):
+    """(unet, scheduler) from a saved pipeline folder or a Hub repo id at ``revision`` (ScratchDDPMPipeline, else a
+    folder's unet/ + scheduler/ subfolders); the UNet on ``device`` in eval mode. Pickle-only weights are refused."""
+    from diffusers.utils import logging as diffusers_logging
+
+    hide = not progress and diffusers_logging.is_progress_bar_enabled()
+    if hide:
+        diffusers_logging.disable_progress_bar()
+    try:
+        return _load_model(model, device, revision)
+    finally:
+        if hide:
+            diffusers_logging.enable_progress_bar()
+
+
+def _load_model(model: str, device, revision: str | None):
+    from .pipeline_ddpm import ScratchDDPMPipeline, check_component_safetensors
+
+    kind = resolve_model(model, revision)
+    if kind == "folder" and not os.path.isfile(os.path.join(model, "model_index.json")):
+        from diffusers import UNet2DModel
+
+        from .scheduling_ddpm import ScratchDDPMScheduler
+
+        check_component_safetensors("unet", os.path.join(model, "unet"))
+        unet = UNet2DModel.from_pretrained(model, subfolder="unet", use_safetensors=True)
+        scheduler = ScratchDDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    else:
+        kwargs = {} if revision is None else {"revision": revision}
+        try:
+            pipe = ScratchDDPMPipeline.from_pretrained(model, **kwargs)
+        except Exception as err:
+            if kind == "repo":
+                at = f" at --revision {revision!r}" if revision is not None else ""
+                raise CLIError(f"--model {model!r} is not a local folder, and as a Hub repo id{at} it cannot be "
+                               f"loaded: {_one_line(err)}") from err
+            raise CLIError(f"--model {model!r}: cannot load this folder: {_one_line(err)}") from err
+        unet, scheduler = pipe.unet, pipe.scheduler
+    return unet.to(device).eval(), scheduler
+
+
+def check_variance_available(variance_type: str | None, scheduler, model: str) -> None:
+    """``--variance_type analytic`` needs Gamma_t in the model's scheduler config: say how to get it."""
+    if variance_type == "analytic" and scheduler.config.get(likelihood.ANALYTIC_CONFIG_KEY) is None:
+        raise CLIError(f"--variance_type analytic needs Analytic-DPM's Gamma_t in the scheduler config of {model!r}; "
+                       f"store it first with: ddpm-from-scratch estimate-variance --model {model}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser: shared option groups, then one function per subcommand
+# ----------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``ddpm-from-scratch sample: error: ...``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _model_options(*, repo: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    if repo:
+        p.add_argument("--model", required=True,
+                       help="folder of a saved pipeline (save_pretrained), or a Hub repo id 'user/name'")
+        p.add_argument("--revision", default=None,
+                       help="branch, tag or commit of a Hub repo id (as from_pretrained(revision=...))")
+    else:
+        p.add_argument("--model", required=True, help="local folder of a saved pipeline (written into)")
+    return p
+
+
+def _run_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--batch_size", type=_positive_int("--batch_size"), default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda, cuda:N, mps (default: cuda when available)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _chain_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="sampling / bound steps (respaced chain); default: all training timesteps")
+    p.add_argument("--variance_type", choices=likelihood.VARIANCE_CHOICES, default=None,
+                   help="reverse variance; default: the scheduler's ('analytic' needs analytic_gamma in its config)")
+    return p
+
+
+def add_evaluate_parser(sub) -> None:
+    ev = sub.add_parser("evaluate", parents=[_model_options(), _chain_options(), _run_options()],
+                        help="bits/dim on held-out digits (and optionally FDD)")
     ev.add_argument("--num_images", type=_positive_int("--num_images"), default=None,
                     help="held-out images to score (default: all 359)")
-    ev.add_argument("--fdd", action="store_true", help="also sample --num_samples images and report the Frechet digit distance")
-    ev.add_argument("--num_samples", type=_positive_int("--num_samples"), default=1000)
-    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--fdd", action="store_true",
+                    help="also sample --num_samples images and report the Frechet digit distance")
+    ev.add_argument("--num_samples", type=_positive_int("--num_samples"), default=None,
+                    help="samples for --fdd (default 1000; only with --fdd)")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file (atomically)")
+    ev.set_defaults(run=evaluate)
 
-    av = sub.add_parser("estimate-variance", parents=[common],
+
+def add_estimate_variance_parser(sub) -> None:
+    av = sub.add_parser("estimate-variance", parents=[_model_options(repo=False), _run_options()],
                         help="estimate Analytic-DPM's Gamma_t on the train digits and store it in the model's scheduler "
                              "config, so that --variance_type analytic works for sample / evaluate")
     av.add_argument("--num_images", type=_positive_int("--num_images"), default=512,
                     help="train-split digits for the Monte Carlo estimate of E||eps_theta||^2 / d per timestep")
+    av.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                    help="estimate Gamma_t only at the timesteps a --steps K chain visits (K model passes per image "
+                         "instead of all T; other timesteps are interpolated); default: every training timestep")
+    av.set_defaults(run=estimate_variance)
 
-    sp = sub.add_parser("sample", parents=[common], help="sample images into a PNG grid")
+
+def add_sample_parser(sub) -> None:
+    sp = sub.add_parser("sample", parents=[_model_options(), _chain_options(), _run_options()],
+                        help="sample images into a PNG grid (--out) and/or one PNG per image (--out_dir)")
     sp.add_argument("--num_images", type=_positive_int("--num_images"), default=16)
-    sp.add_argument("--out", required=True, help="output image (e.g. grid.png)")
+    sp.add_argument("--out", default=None, help="grid image to write (.png, .jpg, .jpeg, .webp, .bmp)")
+    sp.add_argument("--scale", type=_positive_int("--scale"), default=None,
+                    help="enlarge each grid pixel this many times (nearest); default: the smallest scale that makes "
+                         "the grid at least 512 px wide")
+    sp.add_argument("--out_dir", default=None,
+                    help="folder to write one PNG per image into (0000.png, 0001.png, ... at the model's resolution; "
+                         "same-named files are replaced)")
+    sp.set_defaults(run=sample)
+
+
+SUBCOMMANDS = (add_evaluate_parser, add_estimate_variance_parser, add_sample_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="DDPM from scratch: evaluate and sample.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+# ----------------------------------------------------------------------------------------------
 def evaluate(args) -> dict:
+    from .fileio import atomic_write_json
     from .metrics import digits_report
 
-    unet, scheduler = load_model(args.model, args.device)
+    if args.num_samples is not None and not args.fdd:
+        raise CLIError("--num_samples is only used with --fdd; add --fdd or drop --num_samples")
+    if args.json:
+        check_output_file(args.json, "--json")
+    num_samples = args.num_samples or 1000
+    unet, scheduler = load_model(args.model, args.device, args.revision, not args.no_progress)
+    check_variance_available(args.variance_type, scheduler, args.model)
     out = digits_report(unet, scheduler, num_inference_steps=args.steps, num_images=args.num_images,
-                        num_samples=args.num_samples if args.fdd else 0, variance_type=args.variance_type,
+                        num_samples=num_samples if args.fdd else 0, variance_type=args.variance_type,
                         batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
                         progress=not args.no_progress)
     print(f"bits/dim: {out['bits_per_dim']:.4f} +- {out['stderr']:.4f} (prior {out['prior_bpd']:.2e}, decoder "
           f"{out['decoder_bpd']:.4f}, {out['num_steps']} steps, variance {out['variance_type']}, "
           f"{out['num_images']} held-out images)")
     if args.fdd:
-        print(f"FDD: {out['fdd']:.4f} ({args.num_samples} samples vs held-out digits)")
+        print(f"FDD: {out['fdd']:.4f} ({num_samples} samples vs held-out digits)")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, out)
     return out
 
 
 def estimate_variance(args) -> str:
     """Gamma_t by Monte Carlo over train digits, written into <model>/scheduler/scheduler_config.json atomically."""
+    from .fileio import atomic_write
     from .metrics import digits_for_unet
 
-    unet, scheduler = load_model(args.model, args.device)
+    resolve_model(args.model, local_only=True)
+    folder = os.path.join(args.model, "scheduler")
+    check_output_file(os.path.join(folder, "scheduler_config.json"), "--model's scheduler config")
+    unet, scheduler = load_model(args.model, args.device, progress=not args.no_progress)
+    timesteps = None if args.steps is None else likelihood.visited_timesteps(scheduler, args.steps)
     images = digits_for_unet(unet, "train")
-    gamma = likelihood.estimate_analytic_gamma(unet, scheduler, images[: args.num_images], batch_size=args.batch_size,
+    gamma = likelihood.estimate_analytic_gamma(unet, scheduler, images[: args.num_images], timesteps=timesteps,
+                                               batch_size=args.batch_size,
                                                generator=torch.Generator().manual_seed(args.seed),
                                                progress=not args.no_progress)
     updated = likelihood.with_analytic_variance(scheduler, gamma)
-    folder = os.path.join(args.model, "scheduler")
-    tmp = folder + ".tmp-analytic"
-    updated.save_pretrained(tmp)
-    os.makedirs(folder, exist_ok=True)
-    os.replace(os.path.join(tmp, "scheduler_config.json"), os.path.join(folder, "scheduler_config.json"))
-    os.rmdir(tmp)
-    print(f"stored analytic_gamma ({len(gamma)} timesteps, from {min(args.num_images, len(images))} train digits) "
+    atomic_write(os.path.join(folder, "scheduler_config.json"), updated.to_json_file)
+    at = "every timestep" if timesteps is None else f"the {len(timesteps)} timesteps of a {args.steps}-step chain"
+    print(f"stored analytic_gamma (estimated at {at}, from {min(args.num_images, len(images))} train digits) "
           f"in {folder}; sample with --variance_type analytic")
     return folder
 
 
-def sample(args) -> str:
-    unet, scheduler = load_model(args.model, args.device)
+def sample(args) -> list[str]:
+    """Writes the grid (--out) and/or one PNG per image (--out_dir); returns the written paths."""
+    from . import images as img
+
+    if args.out is None and args.out_dir is None:
+        raise CLIError("give --out (one grid image) and/or --out_dir (a folder for one PNG per image)")
+    if args.scale is not None and args.out is None:
+        raise CLIError("--scale enlarges the --out grid; add --out (the --out_dir images keep the model's resolution)")
+    if args.out is not None:
+        check_output_file(args.out, "--out", IMAGE_EXTENSIONS)
+    if args.out_dir is not None:
+        check_output_dir(args.out_dir, "--out_dir")
+    unet, scheduler = load_model(args.model, args.device, args.revision, not args.no_progress)
+    check_variance_available(args.variance_type, scheduler, args.model)
     gen = torch.Generator().manual_seed(args.seed)
-    images = likelihood.sample_images(unet, scheduler, args.num_images, args.steps, variance_type=args.variance_type,
-                                      batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
-    save_atomically(image_grid(images), args.out)
-    print(f"wrote {args.num_images} samples to {args.out}")
-    return args.out
+    samples = likelihood.sample_images(unet, scheduler, args.num_images, args.steps, variance_type=args.variance_type,
+                                       batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
+    written = []
+    if args.out is not None:
+        grid = img.image_grid(samples, scale=args.scale)
+        from .fileio import atomic_save_image
+
+        written.append(atomic_save_image(grid, args.out))
+        print(f"wrote a grid of {args.num_images} samples ({grid.width}x{grid.height} px) to {args.out}")
+    if args.out_dir is not None:
+        os.makedirs(args.out_dir, exist_ok=True)
+        paths = img.save_images(samples, args.out_dir)
+        written += paths
+        print(f"wrote {len(paths)} samples to {args.out_dir} ({os.path.basename(paths[0])} ... "
+              f"{os.path.basename(paths[-1])})")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its message with newlines folded (and its type unless it is a usage error)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, (CLIError, ValueError, TypeError, OSError)) else f"{type(err).__name__}: {text}"
 
 
 def run(argv=None):
-    """Parse ``argv`` and run the subcommand; returns its result (evaluate: dict, sample/estimate-variance: a path).
-    Bad input exits with status 2 and a message."""
+    """Parse ``argv`` and run the subcommand; returns its result (evaluate: dict, estimate-variance: the scheduler
+    folder, sample: the written paths). Any error exits with status 2 and one line on stderr."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "evaluate":
-            return evaluate(args)
-        if args.command == "estimate-variance":
-            return estimate_variance(args)
-        return sample(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"ddpm-from-scratch {args.command}: error: {err}", file=sys.stderr)
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from err
 
 

@@ -14,9 +14,10 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from .fileio import atomic_write, atomic_write_text
 
 REQUIRED_TAGS = ("ddpm", "unconditional-image-generation", "ddpm-from-scratch", "diffusers")
 DEFAULT_PUSH_IGNORE = (
@@ -205,16 +206,12 @@ def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None, 
         inside = os.path.realpath(absolute).startswith(os.path.realpath(output_dir) + os.sep)
         if not inside:
             target = os.path.join(output_dir, os.path.basename(absolute))
-            shutil.copyfile(absolute, target)
+            source = absolute
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
             absolute = target
         grid = os.path.relpath(absolute, output_dir).replace(os.sep, "/")
     text = model_card_text(repo_id or output_dir, sample_grid=grid, **kwargs)
-    path = os.path.join(output_dir, "README.md")
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(os.path.join(output_dir, "README.md"), text)
 
 
 def _files_to_push(folder: str, ignore_patterns: Iterable[str]) -> list[str]:

@@ -71,3 +71,28 @@ def save_image_grid(images, path: str, nrow: int | None = None, pad: int = 2, sc
     from .fileio import atomic_save_image
 
     return atomic_save_image(image_grid(images, nrow=nrow, pad=pad, scale=scale), path)
+
+
+def image_file_names(num_images: int, ext: str = ".png") -> list[str]:
+    """``0000.png``, ``0001.png``, ... (at least 4 digits, so that names sort in sampling order)."""
+    width = max(4, len(str(num_images - 1)))
+    return [f"{i:0{width}d}{ext}" for i in range(num_images)]
+
+
+def save_images(images, folder: str, ext: str = ".png") -> list[str]:
+    """Writes each image at its own resolution (no enlargement, as a pipeline's PIL output) to
+    ``folder/0000.png``, ... atomically; same-named files are replaced. ``folder`` must exist. Returns the paths."""
+    import os
+
+    from PIL import Image
+
+    from .fileio import atomic_save_image
+
+    pixels = to_uint8_nhwc(images)
+    if pixels.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {pixels.shape[-1]}")
+    paths = []
+    for name, p in zip(image_file_names(len(pixels), ext), pixels):
+        img = Image.fromarray(p[:, :, 0] if p.shape[-1] == 1 else p)  # 'L' or 'RGB' from the uint8 shape
+        paths.append(atomic_save_image(img, os.path.join(folder, name)))
+    return paths
