@@ -8,7 +8,8 @@ Points (the process prints "PAUSED <point>:<arg>" to stderr and sleeps until the
 - ``before_exchange:<n>`` / ``after_exchange:<n>``: the n-th export (1 = first), right before / after the atomic
   folder exchange (the old tree not yet removed);
 - ``mid_stage:<n>``: the n-th export, after the new UNet is staged and before the scheduler is.
-Also ``enospc:<step>``: the checkpoint write of <step> fails with OSError(ENOSPC) (a full disk), no pause.
+Also, without a pause: ``enospc:<step>``: the checkpoint write of <step> fails with OSError(ENOSPC) (a full disk);
+``nan_at:<micro>``: the loss of micro-batch number <micro> (0-based, counted in this process) is NaN.
 """
 
 import errno
@@ -91,6 +92,20 @@ def install(spec: str) -> None:
             return original_torch_save(obj, f, *a, **k)
 
         torch.save = full_disk_save
+    elif point == "nan_at":
+        from ddpm_from_scratch import losses
+
+        original_loss = losses.training_loss
+        count = {"n": -1}
+
+        def nan_loss(*a, **k):
+            out = original_loss(*a, **k)
+            count["n"] += 1
+            if count["n"] == n:
+                out = {**out, "loss": out["loss"] * float("nan")}
+            return out
+
+        losses.training_loss = nan_loss
     else:
         raise SystemExit(f"unknown fault point {spec!r}")
 

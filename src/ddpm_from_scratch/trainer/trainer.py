@@ -261,11 +261,10 @@ class Trainer:
                                   seed=c.seed, device=self.accelerator.device)
         return save_sample_grid(images, os.path.join(c.output_dir, "samples", f"step_{step}.png"))
 
-    def _check_finite(self, losses, grad_norms, first_step: int) -> None:
+    def _check_finite(self, losses, grad_norms, steps) -> None:
         """NonFiniteError naming the first optimizer step whose (process-mean) loss or gradient norm is not finite."""
-        for i, (loss, norm) in enumerate(zip(losses, grad_norms)):
+        for step, loss, norm in zip(steps, losses, grad_norms):
             if not (math.isfinite(loss) and (norm is None or math.isfinite(norm))):
-                step = first_step + i
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 raise NonFiniteError(
                     f"non-finite {what} at optimizer step {step} (loss {loss}, gradient norm {norm}): training "
@@ -301,7 +300,7 @@ class Trainer:
         data_iter = iter(loader)
         window_t, window_steps, accum_loss = time.perf_counter(), 0, 0.0
         pending, pending_norms, pending_from = [], [], self.global_step + 1  # device tensors: no per-step sync
-        skip_mode = c.nan_policy == "skip"
+        skip_mode, skipped_steps = c.nan_policy == "skip", set()
         step_loss, grad_norm = float("nan"), None
         self.unet.train()
         while self.global_step < self.max_steps:
@@ -333,8 +332,8 @@ class Trainer:
             self.global_step += 1
             step = self.global_step
             window_steps += 1
-            if skipped:  # keep the record finite: the step's loss is reported as skipped, not averaged in
-                accum_loss = torch.zeros((), device=acc.device)
+            if skipped:  # a skipped step is left out of the losses and the finite check (it did not train)
+                skipped_steps.add(step)
                 grad_norm = None
             pending.append(accum_loss)
             pending_norms.append(None if grad_norm is None else grad_norm.detach().float().reshape(()))
@@ -357,10 +356,12 @@ class Trainer:
                     losses = acc.reduce(losses, "mean")
                 host_losses = losses.float().cpu().tolist()
                 host_norms = [v if p else None for v, p in zip(torch.stack(norms).cpu().tolist(), present)]
-                self._check_finite(host_losses, host_norms, pending_from)
-                self.recent = (self.recent + host_losses)[-100:]
+                kept = [i for i in range(len(host_losses)) if pending_from + i not in skipped_steps]
+                self._check_finite([host_losses[i] for i in kept], [host_norms[i] for i in kept],
+                                   [pending_from + i for i in kept])
+                self.recent = (self.recent + [host_losses[i] for i in kept])[-100:]
                 pending, pending_norms, pending_from = [], [], step + 1
-                step_loss = self.recent[-1]
+                step_loss = self.recent[-1] if self.recent else float("nan")
                 if main:
                     progress.set_postfix(loss=f"{step_loss:.4f}", step=step)
                 if logging_now:
