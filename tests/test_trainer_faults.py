@@ -58,9 +58,11 @@ def _run_until_paused(tmp_path, out, pause, *flags, timeout=300):
 
 
 def _last_error_line(proc):
-    lines = proc.stderr.strip().splitlines()
+    """The CLI's one error line (a progress bar left open by the stop may be printed after it)."""
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    return lines[-1]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+    assert len(lines) == 1, proc.stderr[-4000:]
+    return lines[0]
 
 
 def _unet(path):

@@ -303,90 +303,92 @@ class Trainer:
         skip_mode, skipped_steps = c.nan_policy == "skip", set()
         step_loss, grad_norm = float("nan"), None
         self.unet.train()
-        while self.global_step < self.max_steps:
-            batch = as_batch(next(data_iter))
-            x0 = batch["pixel_values"].to(acc.device, non_blocking=True)
-            t, eps, w = step_noise(c.seed, micro, self.global_batch, self.sample_shape, c.ddpm_num_steps, rank,
-                                   per_proc, device=acc.device, dtype=x0.dtype, timestep_sampler=self.timestep_sampler)
-            loss, grad_norm, skipped = train_micro_step(
-                acc, self.unet, self.optimizer, self.noise_scheduler, x0, t, eps, loss_type=c.loss,
-                snr_gamma=c.snr_gamma, max_grad_norm=c.max_grad_norm, timestep_weights=w,
-                timestep_sampler=self.timestep_sampler, skip_non_finite=skip_mode)
-            micro += 1
-            accum_loss = accum_loss + loss.detach().float() / c.gradient_accumulation_steps
-            if not acc.sync_gradients:
-                continue
-            if skipped:
-                self.nan_skips += 1
-                logger.warning("non-finite gradient at step %d: optimizer step skipped (%d of at most %d)",
-                               self.global_step + 1, self.nan_skips, c.max_nan_skips)
-                if self.nan_skips > c.max_nan_skips:
-                    raise NonFiniteError(f"more than --max_nan_skips {c.max_nan_skips} optimizer steps had a "
-                                         f"non-finite gradient (last at step {self.global_step + 1}); training "
-                                         "stopped, nothing was saved or exported after it")
-            else:
-                if not acc.optimizer_step_was_skipped:
-                    self.lr_scheduler.step()
-                if self.ema is not None:
-                    self.ema.update(acc.unwrap_model(self.unet))
-            self.global_step += 1
-            step = self.global_step
-            window_steps += 1
-            if skipped:  # a skipped step is left out of the losses and the finite check (it did not train)
-                skipped_steps.add(step)
-                grad_norm = None
-            pending.append(accum_loss)
-            pending_norms.append(None if grad_norm is None else grad_norm.detach().float().reshape(()))
-            accum_loss = 0.0
-            progress.update(1)
-            checkpoint_now = bool(c.checkpointing_steps) and step % c.checkpointing_steps == 0
-            epoch_end = step % self.steps_per_epoch == 0
-            epoch = step // self.steps_per_epoch  # epochs completed
-            images_now = (bool(c.save_images_steps) and step % c.save_images_steps == 0) or (
-                epoch_end and bool(c.save_images_epochs) and epoch % c.save_images_epochs == 0)
-            export_now = epoch_end and bool(c.save_model_epochs) and epoch % c.save_model_epochs == 0
-            logging_now = step % c.logging_steps == 0 or step == self.max_steps
-            logs = {}
-            if logging_now or checkpoint_now or images_now or export_now:
-                losses = torch.stack(pending)
-                norms = [n if n is not None else torch.full((), float("nan"), device=acc.device)
-                         for n in pending_norms]
-                present = [n is not None for n in pending_norms]
-                if world > 1:
-                    losses = acc.reduce(losses, "mean")
-                host_losses = losses.float().cpu().tolist()
-                host_norms = [v if p else None for v, p in zip(torch.stack(norms).cpu().tolist(), present)]
-                kept = [i for i in range(len(host_losses)) if pending_from + i not in skipped_steps]
-                self._check_finite([host_losses[i] for i in kept], [host_norms[i] for i in kept],
-                                   [pending_from + i for i in kept])
-                self.recent = (self.recent + [host_losses[i] for i in kept])[-100:]
-                pending, pending_norms, pending_from = [], [], step + 1
-                step_loss = self.recent[-1] if self.recent else float("nan")
-                if main:
-                    progress.set_postfix(loss=f"{step_loss:.4f}", step=step)
-                if logging_now:
-                    now = time.perf_counter()
-                    last_norm = next((v for v in reversed(host_norms) if v is not None), float("nan"))
-                    logs = {"loss": step_loss, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": last_norm}
-                    scalars = {**logs, "steps_per_second": window_steps / max(now - window_t, 1e-9)}
+        try:  # the bar is closed on any stop, so that an error message starts on its own line
+            while self.global_step < self.max_steps:
+                batch = as_batch(next(data_iter))
+                x0 = batch["pixel_values"].to(acc.device, non_blocking=True)
+                t, eps, w = step_noise(c.seed, micro, self.global_batch, self.sample_shape, c.ddpm_num_steps, rank,
+                                       per_proc, device=acc.device, dtype=x0.dtype, timestep_sampler=self.timestep_sampler)
+                loss, grad_norm, skipped = train_micro_step(
+                    acc, self.unet, self.optimizer, self.noise_scheduler, x0, t, eps, loss_type=c.loss,
+                    snr_gamma=c.snr_gamma, max_grad_norm=c.max_grad_norm, timestep_weights=w,
+                    timestep_sampler=self.timestep_sampler, skip_non_finite=skip_mode)
+                micro += 1
+                accum_loss = accum_loss + loss.detach().float() / c.gradient_accumulation_steps
+                if not acc.sync_gradients:
+                    continue
+                if skipped:
+                    self.nan_skips += 1
+                    logger.warning("non-finite gradient at step %d: optimizer step skipped (%d of at most %d)",
+                                   self.global_step + 1, self.nan_skips, c.max_nan_skips)
+                    if self.nan_skips > c.max_nan_skips:
+                        raise NonFiniteError(f"more than --max_nan_skips {c.max_nan_skips} optimizer steps had a "
+                                             f"non-finite gradient (last at step {self.global_step + 1}); training "
+                                             "stopped, nothing was saved or exported after it")
+                else:
+                    if not acc.optimizer_step_was_skipped:
+                        self.lr_scheduler.step()
                     if self.ema is not None:
-                        scalars["ema_decay"] = self.ema.current_decay()
-                    acc.log(scalars, step=step)
-                    self.log_metrics({"step": step, **logs})
-                    window_t, window_steps = now, 0
-            if checkpoint_now:
-                path = ckpt.save_checkpoint(acc, c.output_dir, step, self._checkpoint_state(micro),
-                                            c.checkpoints_total_limit)
-                logger.info("saved %s", path)
-                self._call("on_save", step, path)
-            if images_now and step != self.max_steps:
-                if main:
-                    self.save_samples(step)
-                acc.wait_for_everyone()
-            if export_now and step != self.max_steps:
-                self.export(final=False)
-            self._call("on_step_end", step, logs)
-        progress.close()
+                        self.ema.update(acc.unwrap_model(self.unet))
+                self.global_step += 1
+                step = self.global_step
+                window_steps += 1
+                if skipped:  # a skipped step is left out of the losses and the finite check (it did not train)
+                    skipped_steps.add(step)
+                    grad_norm = None
+                pending.append(accum_loss)
+                pending_norms.append(None if grad_norm is None else grad_norm.detach().float().reshape(()))
+                accum_loss = 0.0
+                progress.update(1)
+                checkpoint_now = bool(c.checkpointing_steps) and step % c.checkpointing_steps == 0
+                epoch_end = step % self.steps_per_epoch == 0
+                epoch = step // self.steps_per_epoch  # epochs completed
+                images_now = (bool(c.save_images_steps) and step % c.save_images_steps == 0) or (
+                    epoch_end and bool(c.save_images_epochs) and epoch % c.save_images_epochs == 0)
+                export_now = epoch_end and bool(c.save_model_epochs) and epoch % c.save_model_epochs == 0
+                logging_now = step % c.logging_steps == 0 or step == self.max_steps
+                logs = {}
+                if logging_now or checkpoint_now or images_now or export_now:
+                    losses = torch.stack(pending)
+                    norms = [n if n is not None else torch.full((), float("nan"), device=acc.device)
+                             for n in pending_norms]
+                    present = [n is not None for n in pending_norms]
+                    if world > 1:
+                        losses = acc.reduce(losses, "mean")
+                    host_losses = losses.float().cpu().tolist()
+                    host_norms = [v if p else None for v, p in zip(torch.stack(norms).cpu().tolist(), present)]
+                    kept = [i for i in range(len(host_losses)) if pending_from + i not in skipped_steps]
+                    self._check_finite([host_losses[i] for i in kept], [host_norms[i] for i in kept],
+                                       [pending_from + i for i in kept])
+                    self.recent = (self.recent + [host_losses[i] for i in kept])[-100:]
+                    pending, pending_norms, pending_from = [], [], step + 1
+                    step_loss = self.recent[-1] if self.recent else float("nan")
+                    if main:
+                        progress.set_postfix(loss=f"{step_loss:.4f}", step=step)
+                    if logging_now:
+                        now = time.perf_counter()
+                        last_norm = next((v for v in reversed(host_norms) if v is not None), float("nan"))
+                        logs = {"loss": step_loss, "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": last_norm}
+                        scalars = {**logs, "steps_per_second": window_steps / max(now - window_t, 1e-9)}
+                        if self.ema is not None:
+                            scalars["ema_decay"] = self.ema.current_decay()
+                        acc.log(scalars, step=step)
+                        self.log_metrics({"step": step, **logs})
+                        window_t, window_steps = now, 0
+                if checkpoint_now:
+                    path = ckpt.save_checkpoint(acc, c.output_dir, step, self._checkpoint_state(micro),
+                                                c.checkpoints_total_limit)
+                    logger.info("saved %s", path)
+                    self._call("on_save", step, path)
+                if images_now and step != self.max_steps:
+                    if main:
+                        self.save_samples(step)
+                    acc.wait_for_everyone()
+                if export_now and step != self.max_steps:
+                    self.export(final=False)
+                self._call("on_step_end", step, logs)
+        finally:
+            progress.close()
 
     # ------------------------------------------------------------------------------------------------------
     def export(self, final: bool = True):
