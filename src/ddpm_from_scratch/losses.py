@@ -133,7 +133,7 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
     timestep_sampler: draws t (when ``timesteps`` is None), multiplies per_sample by its importance weights and is
     updated with the vlb terms (the simple MSE for loss_type "simple").
     timestep_weights: (B,) importance weights 1 / (T p_t) of timesteps drawn elsewhere (e.g. by a sampler shared
-    across processes, see train_utils.step_noise); multiplies per_sample.
+    across processes, see trainer.steps.step_noise); multiplies per_sample.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
