@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", parents=[common], help="sample images into a PNG grid")
     sp.add_argument("--num_images", type=_positive_int("--num_images"), default=16)
     sp.add_argument("--out", required=True, help="output image (e.g. grid.png)")
+
+    rp = sub.add_parser("report", help="draw a training output folder as PNG figures gathered in "
+                                       "OUTPUT_DIR/report/report.md (loss, metrics, samples, trajectory, bound)")
+    rp.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training run's --output_dir")
+    rp.add_argument("--steps", type=_positive_int("--steps"), default=100, help="the trajectory's sampling steps")
+    rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one trajectory per seed")
+    rp.add_argument("--bound_steps", type=_positive_int("--bound_steps"), default=50,
+                    help="respaced chain of the per-timestep bound panel")
+    rp.add_argument("--bound_num_images", type=_positive_int("--bound_num_images"), default=128,
+                    help="held-out digits scored by the bound panel")
+    rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
@@ -158,6 +169,21 @@ def sample(args) -> str:
     return args.out
 
 
+def report(args) -> str:
+    """Writes OUTPUT_DIR/report/ (report.write_report); returns the path of its report.md."""
+    from .report import write_report
+
+    try:
+        result = write_report(args.output_dir, num_inference_steps=args.steps, seeds=args.seeds,
+                              bound_num_images=args.bound_num_images, bound_num_inference_steps=args.bound_steps,
+                              device=args.device)
+    except RuntimeError as err:  # matplotlib missing
+        raise ValueError(str(err)) from err
+    left_out = "".join(f"; {panel} not drawn: {why}" for panel, why in result.skipped.items())
+    print(f"wrote {len(result.figures)} figures and {result.page}{left_out}")
+    return result.page
+
+
 def run(argv=None):
     """Parse ``argv`` and run the subcommand; returns its result (evaluate: dict, sample/estimate-variance: a path).
     Bad input exits with status 2 and a message."""
@@ -167,6 +193,8 @@ def run(argv=None):
             return evaluate(args)
         if args.command == "estimate-variance":
             return estimate_variance(args)
+        if args.command == "report":
+            return report(args)
         return sample(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"ddpm-from-scratch {args.command}: error: {err}", file=sys.stderr)
