@@ -61,9 +61,9 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_shared(unet, scheduler, num_samples: int, num_inference_steps: int | None, seed: int, *,
-                  batch_size: int = 128, accelerator=None, variance_type: str | None = None) -> torch.Tensor:
+                  batch_size: int = 64, accelerator=None, variance_type: str | None = None) -> torch.Tensor:
     """num_samples (N, C, H, W) float32 in [-1, 1] on the CPU, this process sampling its chunks only, all gathered."""
     from .likelihood import sample_images
 
@@ -75,9 +75,9 @@ def sample_shared(unet, scheduler, num_samples: int, num_inference_steps: int | 
     return torch.cat([images for _, images in _gather(local, accelerator)])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bits_per_dim_shared(unet, scheduler, images: torch.Tensor, num_inference_steps: int | None, seed: int, *,
-                        batch_size: int = 128, accelerator=None) -> dict:
+                        batch_size: int = 64, accelerator=None) -> dict:
     """The bound of ``images`` (N, C, H, W), split over processes by chunks: {bits_per_dim, stderr, prior_bpd,
     decoder_bpd, num_steps, num_images, terms_bpd (S,), timesteps (S,)} (likelihood.bits_per_dim per chunk)."""
     from .likelihood import bits_per_dim
@@ -123,11 +123,11 @@ class EvalResult:
     bound: dict | None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_model(unet, scheduler, *, num_samples: int = 256, num_inference_steps: int | None = 100, seed: int = 0,
                    reference: torch.Tensor | None = None, feature_extractor="digits",
                    bound_num_inference_steps: int | None = 20, bound_num_images: int | None = None,
-                   batch_size: int = 128, accelerator=None, keep_samples: int = 64) -> EvalResult:
+                   batch_size: int = 64, accelerator=None, keep_samples: int = 64) -> EvalResult:
     """Evaluates ``unet`` (pass the EMA weights) with ``scheduler``; same values on any number of processes.
 
     reference: held-out images (M, C, H, W) in [-1, 1] for the sample metric (default: the held-out digits at the
