@@ -23,8 +23,8 @@ run the model. A panel whose data is missing is left out and ``report.md`` says 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -131,9 +131,9 @@ def _run_info(output_dir: str) -> dict:
         return json.load(f)
 
 
-def read_scalars(output_dir: str) -> dict[str, Series]:
+def read_scalars(output_dir: str, run_info: dict | None = None) -> dict[str, Series]:
     """Every scalar of a run: metrics.jsonl first; tags only TensorBoard has are added; the end-of-run evaluation
-    in run_info.json (``eval``: bits_per_dim, fdd at final_step) fills metrics that no log holds."""
+    in run_info (default: run_info.json; ``eval``: bits_per_dim, fdd at final_step) fills metrics no log holds."""
     scalars: dict[str, Series] = {}
     jsonl = os.path.join(output_dir, METRICS_FILE)
     if os.path.isfile(jsonl):
@@ -142,7 +142,7 @@ def read_scalars(output_dir: str) -> dict[str, Series]:
     if os.path.isdir(log_dir):
         for tag, series in read_tensorboard_scalars(log_dir).items():
             scalars.setdefault(tag, series)
-    info = _run_info(output_dir)
+    info = _run_info(output_dir) if run_info is None else run_info
     final = info.get("eval") or {}
     if "final_step" in info:
         for key in ("fdd", "bits_per_dim"):
@@ -414,6 +414,12 @@ class ReportResult:
     skipped: dict
 
 
+@contextlib.contextmanager
+def _new_dir(path: str):
+    os.makedirs(path)
+    yield path
+
+
 def _load_pipeline(output_dir: str, device):
     from .pipeline_ddpm import ScratchDDPMPipeline
 
@@ -421,12 +427,7 @@ def _load_pipeline(output_dir: str, device):
     return pipe.unet.to(device).eval(), pipe.scheduler
 
 
-def _is_digits_run(output_dir: str) -> bool:
-    return _run_info(output_dir).get("dataset", "sklearn-digits") == "sklearn-digits"
-
-
-def _page(output_dir: str, figures: dict, skipped: dict, notes: dict) -> str:
-    info = _run_info(output_dir)
+def _page(output_dir: str, info: dict, figures: dict, skipped: dict, notes: dict) -> str:
     lines = [f"# Training report: `{os.path.basename(os.path.normpath(os.path.abspath(output_dir)))}`", ""]
     if info:
         facts = [f"{k.replace('_', ' ')}: {info[k]}" for k in ("dataset", "final_step", "global_batch", "num_processes")
@@ -451,13 +452,16 @@ def _page(output_dir: str, figures: dict, skipped: dict, notes: dict) -> str:
 
 def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seeds=(0, 1, 2), num_points: int = 10,
                  bound_num_images: int | None = 128, bound_num_inference_steps: int | None = 50,
-                 gamma_num_images: int = 256, device=None, panels=None) -> ReportResult:
+                 gamma_num_images: int = 256, device=None, panels=None, dest: str | None = None,
+                 pipeline=None, run_info: dict | None = None) -> ReportResult:
     """Draws the report of a training output folder into ``output_dir/report/`` (figures + report.md), replacing
     an earlier report as a whole (written beside, then swapped). Returns what was drawn and what was skipped.
 
     num_inference_steps: the trajectory's chain (None: all T); bound_num_images / bound_num_inference_steps: the
     held-out digits and the respaced chain of the bound panel (None: all); gamma_num_images: train digits for the
-    analytic variance's Gamma_t when the scheduler has none stored; panels: a subset of PANELS to draw."""
+    analytic variance's Gamma_t when the scheduler has none stored; panels: a subset of PANELS to draw.
+    For the Trainer's export: ``dest`` (a new folder, written directly: the caller swaps it in), ``pipeline``
+    ((unet, scheduler) in memory instead of the folder's exported one), ``run_info`` (instead of run_info.json)."""
     from .fileio import atomic_dir, atomic_write_text, sweep_discarded
 
     if not os.path.isdir(output_dir):
@@ -473,8 +477,9 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
                         ("bound_num_inference_steps", bound_num_inference_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    has_model = os.path.isfile(os.path.join(output_dir, "model_index.json"))
-    scalars = read_scalars(output_dir)
+    has_model = pipeline is not None or os.path.isfile(os.path.join(output_dir, "model_index.json"))
+    info = _run_info(output_dir) if run_info is None else run_info
+    scalars = read_scalars(output_dir, info)
     grids = sample_grids(output_dir)
     if not scalars and not grids and not has_model:
         raise ValueError(f"OUTPUT_DIR {output_dir!r} holds no training run: no {METRICS_FILE}, logs/, samples/ or "
@@ -482,12 +487,13 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    final = os.path.join(output_dir, REPORT_DIRNAME)
-    sweep_discarded(output_dir)
+    final = dest or os.path.join(output_dir, REPORT_DIRNAME)
+    if dest is None:
+        sweep_discarded(output_dir)
     figures, notes = {}, {}
     skipped = {p: "not asked for" for p in PANELS if p not in panels}
     traj = None
-    with atomic_dir(final, durable=False) as tmp:
+    with (atomic_dir(final, durable=False) if dest is None else _new_dir(dest)) as tmp:
         def attempt(panel, draw):
             if panel not in panels:
                 return
@@ -501,7 +507,7 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
         attempt("samples", lambda p: plot_sample_grids(grids, p))
         unet = scheduler = None
         if has_model and ({"trajectory", "bound"} & set(panels)):
-            unet, scheduler = _load_pipeline(output_dir, device)
+            unet, scheduler = pipeline if pipeline is not None else _load_pipeline(output_dir, device)
         for panel in ("trajectory", "bound"):
             if panel in panels and unet is None:
                 skipped[panel] = "no exported pipeline (model_index.json) in the folder"
@@ -512,7 +518,7 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
                                    "(EMA weights of the exported pipeline). The column titles are the posterior-mean "
                                    "coefficients: μ̃ = a·x̂_0 + b·x_t moves from x_t towards the predicted x_0 as t falls.")
         if unet is not None and "bound" in panels:
-            if not _is_digits_run(output_dir):
+            if info.get("dataset", "sklearn-digits") != "sklearn-digits":
                 skipped["bound"] = "the bound is scored on held-out data, which only the built-in digits have"
             else:
                 from .metrics import digits_for_unet
@@ -528,6 +534,6 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
             raise ValueError(f"nothing to draw in {output_dir!r}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         figures["overview"] = plot_overview(scalars, grids, traj, os.path.join(tmp, MAIN_FIGURE),
                                             title=os.path.basename(os.path.normpath(os.path.abspath(output_dir))))
-        atomic_write_text(os.path.join(tmp, "report.md"), _page(output_dir, figures, skipped, notes), durable=False)
+        atomic_write_text(os.path.join(tmp, "report.md"), _page(output_dir, info, figures, skipped, notes), durable=False)
     figures = {k: os.path.join(final, os.path.basename(v)) for k, v in figures.items()}
     return ReportResult(folder=final, page=os.path.join(final, "report.md"), figures=figures, skipped=skipped)
