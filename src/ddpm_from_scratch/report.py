@@ -188,15 +188,41 @@ def metric_names(scalars: dict[str, Series]) -> list[str]:
     return sorted(n for n in scalars if n.startswith(EVAL_PREFIX))
 
 
-def plot_metrics(scalars: dict[str, Series], path: str) -> str:
-    """Every ``eval/<name>`` scalar against the step, one axis each."""
+def plot_metrics(scalars: dict[str, Series], path: str, floors: dict | None = None) -> str:
+    """Every ``eval/<name>`` scalar against the step, one axis each; ``floors`` {name: (value, label)} draws a
+    dashed reference line (e.g. the FDD real data scores at the same sample size)."""
     names = metric_names(scalars)
     if not names:
         raise ValueError("no evaluation metrics (eval/<name>) in the run's logs")
     fig = _new_figure((4.2 * len(names), 3.2))
     for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-        _plot_series(ax, scalars[name], name[len(EVAL_PREFIX):])
+        _draw_metric(ax, scalars[name], name, (floors or {}).get(name))
     return _save_figure(fig, path)
+
+
+def _draw_metric(ax, series: Series, name: str, floor=None):
+    _plot_series(ax, series, name.removeprefix(EVAL_PREFIX))
+    if floor is not None:
+        ax.axhline(floor[0], color="gray", ls="--", lw=1, label=floor[1])
+        ax.legend(fontsize=7)
+
+
+def eval_sample_count(info: dict) -> int | None:
+    """The number of samples behind the run's FDD: run_info's ``eval_settings`` (training-time evaluation), else its
+    end-of-run ``eval``."""
+    n = (info.get("eval_settings") or {}).get("eval_num_samples") or (info.get("eval") or {}).get("num_samples")
+    return int(n) if isinstance(n, int) and n >= 2 else None
+
+
+def fdd_floor(info: dict) -> dict:
+    """{"eval/fdd": (mean FDD of real train digits vs the held-out split at the run's sample count, label)}, or {}."""
+    from .evaluation import digits_fdd_floor
+
+    n = eval_sample_count(info)
+    if n is None or info.get("dataset", "sklearn-digits") != "sklearn-digits" or n > 1438:
+        return {}
+    floor = digits_fdd_floor(n, resolution=int(info.get("resolution", 8)))
+    return {"eval/fdd": (floor["mean"], f"real digits, {n} samples: {floor['mean']:.1f}")}
 
 
 def _pick(items: list, count: int) -> list:
@@ -370,7 +396,7 @@ def plot_bound(bounds: dict, path: str) -> str:
 
 
 def plot_overview(scalars: dict[str, Series], grids: list[tuple[int, str]], traj: Trajectory | None, path: str,
-                  title: str = "") -> str:
+                  title: str = "", floors: dict | None = None) -> str:
     """The main figure: loss; each metric; the last sample grid; one seed's predicted x_0 along the chain."""
     from PIL import Image
 
@@ -379,7 +405,11 @@ def plot_overview(scalars: dict[str, Series], grids: list[tuple[int, str]], traj
     fig = _new_figure((max(9.0, 3.6 * max(len(top), 1)), 7.0))
     gs = fig.add_gridspec(2, max(len(top), 2))
     for j, name in enumerate(top):
-        _plot_series(fig.add_subplot(gs[0, j]), scalars[name], name.removeprefix(EVAL_PREFIX), log=name == "loss")
+        ax = fig.add_subplot(gs[0, j])
+        if name == "loss":
+            _plot_series(ax, scalars[name], "training loss", log=True)
+        else:
+            _draw_metric(ax, scalars[name], name, (floors or {}).get(name))
     if grids:
         ax = fig.add_subplot(gs[1, 0])
         with Image.open(grids[-1][1]) as img:
@@ -503,7 +533,12 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
                 skipped[panel] = str(err)
 
         attempt("training", lambda p: plot_training(scalars, p))
-        attempt("metrics", lambda p: plot_metrics(scalars, p))
+        floors = fdd_floor(info) if "eval/fdd" in scalars else {}
+        attempt("metrics", lambda p: plot_metrics(scalars, p, floors))
+        if floors:
+            notes["metrics"] = ("Dashed: the FDD of real training digits against the held-out split at the same sample "
+                                "count (mean of 20 draws), the floor a perfect model would score; FDD is measured "
+                                "against the held-out digits, never the training ones.")
         attempt("samples", lambda p: plot_sample_grids(grids, p))
         unet = scheduler = None
         if has_model and ({"trajectory", "bound"} & set(panels)):
@@ -533,7 +568,8 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
         if not figures:
             raise ValueError(f"nothing to draw in {output_dir!r}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         figures["overview"] = plot_overview(scalars, grids, traj, os.path.join(tmp, MAIN_FIGURE),
-                                            title=os.path.basename(os.path.normpath(os.path.abspath(output_dir))))
+                                            title=os.path.basename(os.path.normpath(os.path.abspath(output_dir))),
+                                            floors=floors)
         atomic_write_text(os.path.join(tmp, "report.md"), _page(output_dir, info, figures, skipped, notes), durable=False)
     figures = {k: os.path.join(final, os.path.basename(v)) for k, v in figures.items()}
     return ReportResult(folder=final, page=os.path.join(final, "report.md"), figures=figures, skipped=skipped)
