@@ -22,7 +22,7 @@ def main(out_dir: str) -> None:
     result = evaluate_model(unet, ScratchDDPMScheduler(num_train_timesteps=20), num_samples=12, num_inference_steps=4,
                             seed=11, bound_num_images=10, bound_num_inference_steps=3, batch_size=3,
                             accelerator=accelerator, keep_samples=12)
-    record = {"world": accelerator.num_processes, "metrics": result.metrics, "images_through_unet": sum(calls),
+    record = {"world": accelerator.num_processes, "metrics": result.metrics, "images_through_unet": sum(calls), "work": result.work,
               "samples": result.samples.tolist()}
     with open(os.path.join(out_dir, f"rank{accelerator.process_index}.json"), "w") as f:
         json.dump(record, f)

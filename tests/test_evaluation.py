@@ -133,3 +133,6 @@ def test_two_processes_split_the_evaluation_and_match_one_process(tmp_path):
     assert one["images_through_unet"] == total
     assert r0["images_through_unet"] + r1["images_through_unet"] == total
     assert r0["images_through_unet"] == 2 * 3 * 4 + (3 + 3) * 3 and r1["images_through_unet"] == 2 * 3 * 4 + (3 + 1) * 3
+    assert r0["work"] == r1["work"] == [{"rank": 0, "samples": 6, "bound_images": 6},
+                                         {"rank": 1, "samples": 6, "bound_images": 4}]
+    assert one["work"] == [{"rank": 0, "samples": 12, "bound_images": 10}]

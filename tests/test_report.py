@@ -50,6 +50,7 @@ def test_every_panel_renders_from_a_tiny_runs_folder(run_dir):
     for panel in ("overview", *rp.PANELS):
         assert f"({panel}.png)" in page
     assert "fixed_small" in page and "fixed_large" in page and "analytic" in page
+    assert "Dashed: the FDD of real training digits" in page  # the floor at the run's 16 samples
     assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp")]  # written beside, then swapped in
     # a second report replaces the first as a whole
     again = rp.write_report(str(run_dir), panels=("training",), device="cpu")

@@ -19,7 +19,7 @@ otherwise an error says how to install it) against reference images the caller p
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -116,11 +116,13 @@ def resolve_feature_extractor(feature_extractor, device=None) -> tuple[str, Call
 class EvalResult:
     """metrics: {name: float} (fdd|fid|fd, bits_per_dim, bits_per_dim_stderr, num_samples, num_inference_steps,
     bound_num_inference_steps, bound_num_images); samples: the first ``keep_samples`` samples (K, C, H, W) in
-    [-1, 1] (for a grid); bound: the full bits_per_dim_shared dict (per-term), or None."""
+    [-1, 1] (for a grid); bound: the full bits_per_dim_shared dict (per-term), or None; work: what each process
+    did itself, gathered: [{"rank", "samples", "bound_images"}] by rank."""
 
     metrics: dict
     samples: torch.Tensor
     bound: dict | None
+    work: list = field(default_factory=list)
 
 
 @torch.inference_mode()
@@ -172,9 +174,14 @@ def evaluate_model(unet, scheduler, *, num_samples: int = 256, num_inference_ste
                                         batch_size=batch_size, accelerator=accelerator)
             out.update(bits_per_dim=bound["bits_per_dim"], bits_per_dim_stderr=bound["stderr"],
                        bound_num_inference_steps=bound["num_steps"], bound_num_images=bound["num_images"])
+        rank, world = _rank_world(accelerator)
+        mine = {"rank": rank, "samples": sum(b - a for _, a, b in my_chunks(num_samples, batch_size, rank, world)),
+                "bound_images": 0 if bound is None else sum(
+                    b - a for _, a, b in my_chunks(bound["num_images"], batch_size, rank, world))}
+        work = [w for _, w in _gather([(rank, mine)], accelerator)]
     finally:
         unet.train(was_training)
-    return EvalResult(metrics=out, samples=samples[:keep_samples], bound=bound)
+    return EvalResult(metrics=out, samples=samples[:keep_samples], bound=bound, work=work)
 
 
 def digits_fdd_floor(num_samples: int = 256, resolution: int = 8, draws: int = 20, seed: int = 0) -> dict:
