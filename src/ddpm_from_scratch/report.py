@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -363,6 +364,8 @@ def bound_by_variance(unet, scheduler, images: torch.Tensor, gamma_images: torch
     from . import likelihood
 
     variance_types = list(variance_types or supported_variance_types(unet, scheduler))
+    if num_inference_steps is not None:
+        num_inference_steps = min(num_inference_steps, int(scheduler.config.num_train_timesteps))
     gamma = scheduler.config.get(likelihood.ANALYTIC_CONFIG_KEY) if hasattr(scheduler.config, "get") else None
     results = {}
     for vt in variance_types:
@@ -446,8 +449,13 @@ class ReportResult:
 
 @contextlib.contextmanager
 def _new_dir(path: str):
+    """A new folder that is removed again when the block fails (nothing half-drawn is left for the caller's swap)."""
     os.makedirs(path)
-    yield path
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _load_pipeline(output_dir: str, device):
@@ -563,7 +571,7 @@ def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seed
                                            bound_num_inference_steps)
                 figures["bound"] = plot_bound(bounds, os.path.join(tmp, "bound.png"))
                 notes["bound"] = (f"{held_out.shape[0]} held-out digits, "
-                                  f"{bound_num_inference_steps or 'all'} steps. Totals: " + ", ".join(
+                                  f"{len(next(iter(bounds.values())).timesteps)} steps. Totals: " + ", ".join(
                                       f"{vt} {r.total:.3f} ± {r.stderr:.3f}" for vt, r in bounds.items()) + " bits/dim.")
         if not figures:
             raise ValueError(f"nothing to draw in {output_dir!r}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
