@@ -486,3 +486,15 @@ def test_client_network_guard_refuses_and_records_non_loopback(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(log.read_text()) == ["connect 10.255.255.1:80", "resolve 10.255.255.2",
                                            "resolve huggingface.co"]
+
+
+def test_card_embeds_the_training_report_figure_and_refuses_a_path_outside():
+    from ddpm_from_scratch.hub import model_card_text
+
+    text = model_card_text("user/model", report_figure="report/overview.png")
+    assert "## Training report" in text and "![training report](report/overview.png)" in text
+    assert "[report/report.md](report/report.md)" in text
+    assert "Training report" not in model_card_text("user/model")
+    for bad in ("/tmp/overview.png", "../overview.png"):
+        with pytest.raises(ValueError, match="report_figure"):
+            model_card_text("user/model", report_figure=bad)
