@@ -510,3 +510,15 @@ def test_write_model_card_is_atomic(tmp_path, monkeypatch):
     assert path == str(tmp_path / "README.md") and "![samples](" + grid.name + ")" in (tmp_path / "README.md").read_text()
     assert (tmp_path / grid.name).read_bytes() == b"png bytes"
     assert sorted(os.listdir(tmp_path)) == sorted([*before, grid.name])
+
+
+def test_card_embeds_the_training_report_figure_and_refuses_a_path_outside():
+    from ddpm_from_scratch.hub import model_card_text
+
+    text = model_card_text("user/model", report_figure="report/overview.png")
+    assert "## Training report" in text and "![training report](report/overview.png)" in text
+    assert "[report/report.md](report/report.md)" in text
+    assert "Training report" not in model_card_text("user/model")
+    for bad in ("/tmp/overview.png", "../overview.png"):
+        with pytest.raises(ValueError, match="report_figure"):
+            model_card_text("user/model", report_figure=bad)

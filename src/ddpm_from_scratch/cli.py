@@ -289,11 +289,26 @@ def add_sample_parser(sub) -> None:
     sp.set_defaults(run=sample)
 
 
-SUBCOMMANDS = (add_evaluate_parser, add_estimate_variance_parser, add_sample_parser)
+def add_report_parser(sub) -> None:
+    rp = sub.add_parser("report", help="draw a training output folder as PNG figures gathered in "
+                                       "OUTPUT_DIR/report/report.md (loss, metrics, samples, trajectory, bound)")
+    rp.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training run's --output_dir")
+    rp.add_argument("--steps", type=_positive_int("--steps"), default=100, help="the trajectory's sampling steps")
+    rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one trajectory per seed")
+    rp.add_argument("--bound_steps", type=_positive_int("--bound_steps"), default=50,
+                    help="respaced chain of the per-timestep bound panel")
+    rp.add_argument("--bound_num_images", type=_positive_int("--bound_num_images"), default=128,
+                    help="held-out digits scored by the bound panel")
+    rp.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device: cpu, cuda, cuda:N, mps (default: cuda when available)")
+    rp.set_defaults(run=report)
+
+
+SUBCOMMANDS = (add_evaluate_parser, add_estimate_variance_parser, add_sample_parser, add_report_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="DDPM from scratch: evaluate and sample.")
+    parser = _Parser(prog=PROG, description="DDPM from scratch: evaluate, sample and report.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in SUBCOMMANDS:
         add(sub)
@@ -391,6 +406,21 @@ def _one_line(err: BaseException) -> str:
     """An exception as one line: its message with newlines folded (and its type unless it is a usage error)."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if isinstance(err, (CLIError, ValueError, TypeError, OSError)) else f"{type(err).__name__}: {text}"
+
+
+def report(args) -> str:
+    """Writes OUTPUT_DIR/report/ (report.write_report); returns the path of its report.md."""
+    from .report import write_report
+
+    try:
+        result = write_report(args.output_dir, num_inference_steps=args.steps, seeds=args.seeds,
+                              bound_num_images=args.bound_num_images, bound_num_inference_steps=args.bound_steps,
+                              device=args.device)
+    except RuntimeError as err:  # matplotlib missing
+        raise ValueError(str(err)) from err
+    left_out = "".join(f"; {panel} not drawn: {why}" for panel, why in result.skipped.items())
+    print(f"wrote {len(result.figures)} figures and {result.page}{left_out}")
+    return result.page
 
 
 def run(argv=None):

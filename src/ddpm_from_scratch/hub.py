@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import posixpath
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -117,6 +118,7 @@ def model_card_text(
     extra_tags: Iterable[str] = (),
     license: str = "apache-2.0",
     token: str | None = None,
+    report_figure: str | None = None,
 ) -> str:
     """The README.md text of a ScratchDDPMPipeline repository.
 
@@ -124,7 +126,8 @@ def model_card_text(
     data; it also goes into the ``datasets`` metadata when it looks like a Hub dataset id.
     ``training_args``: rendered as a table with secret-looking keys dropped. ``metrics``: e.g.
     ``{"loss": 0.03, "bits_per_dim": 3.7, "fdd": 12.0}``. ``sample_grid``: image path relative to the
-    card. ``num_inference_steps``: used in the snippet (the pipeline default when None). Any known
+    card. ``report_figure``: the training report's main figure, relative to the card (``report/overview.png``;
+    the page ``report.md`` beside it is linked). ``num_inference_steps``: used in the snippet (the pipeline default when None). Any known
     token (``token``, HF_TOKEN, the saved login) or Hub-token-shaped string is redacted.
     """
     from huggingface_hub import ModelCardData
@@ -133,8 +136,9 @@ def model_card_text(
         raise ValueError(f"repo_id must be a non-empty string (a Hub id 'user/name' or a folder), got {repo_id!r}")
     if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive int or None, got {num_inference_steps!r}")
-    if sample_grid is not None and (os.path.isabs(sample_grid) or sample_grid.startswith("..")):
-        raise ValueError(f"sample_grid must be a path relative to the card, got {sample_grid!r}")
+    for name, rel in (("sample_grid", sample_grid), ("report_figure", report_figure)):
+        if rel is not None and (os.path.isabs(rel) or rel.startswith("..")):
+            raise ValueError(f"{name} must be a path relative to the card, got {rel!r}")
     tags = list(dict.fromkeys([*REQUIRED_TAGS, *extra_tags]))
     data = ModelCardData(
         library_name="diffusers",
@@ -174,6 +178,11 @@ def model_card_text(
     ]
     if sample_grid:
         lines += ["## Samples", "", f"![samples]({sample_grid.replace(os.sep, '/')})", ""]
+    if report_figure:
+        page = posixpath.join(posixpath.dirname(report_figure.replace(os.sep, "/")), "report.md")
+        lines += ["## Training report", "", f"![training report]({report_figure.replace(os.sep, '/')})", "",
+                  f"Every panel (loss, metrics, samples over training, a denoising trajectory, the bound per "
+                  f"timestep): [{page}]({page}).", ""]
     if details:
         lines += ["## Model", ""] + [f"- **{k}**: {_cell(v)}" for k, v in details.items()] + [""]
     if metrics:

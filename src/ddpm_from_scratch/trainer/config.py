@@ -206,7 +206,24 @@ class TrainConfig:
     eval_at_end: bool = _f(False, "Built-in digits only: after training, compute the bits/dim bound on the 359 "
                                   "held-out digits and the Frechet digit distance of --eval_num_samples samples, "
                                   "and put both on the model card.")
-    eval_num_samples: int = _f(256, "Samples for the end-of-training Frechet digit distance (0 = bits/dim only).")
+    eval_num_samples: int = _f(256, "Samples for the Frechet digit distance of --eval_at_end and of every --eval_steps "
+                                    "evaluation (0 = bits/dim only).")
+    eval_steps: int = _f(0, "Built-in digits only: evaluate the EMA weights every this many optimizer steps and at the "
+                            "end (0 = off): the FDD of --eval_num_samples samples (--ddpm_num_inference_steps steps, "
+                            "--eval_batch_size at a time, shared over the processes) against the held-out digits and "
+                            "the held-out bits/dim on an --eval_bound_steps-step chain, to metrics.jsonl, TensorBoard "
+                            "(with the sample grid) and run_info.json. Seeded: a resumed run records the same values.")
+    eval_bound_steps: int = _f(20, "Steps of the respaced chain of each evaluation's held-out bits/dim (0 = skip the "
+                                   "bound).")
+    keep_best: str | None = _f(None, "Keep the EMA weights of the best evaluation by this metric (lower is better) in "
+                                     "output_dir/best/, outside the checkpoint rotation. Needs --eval_steps.",
+                               choices=["fdd", "bits_per_dim"])
+    export: str = _f("last", "Which weights become the exported pipeline: 'last' (the final EMA weights) or 'best' "
+                             "(those kept by --keep_best); the model card says which and why.",
+                     choices=["last", "best"])
+    report: bool = _f(True, "At the end, draw the run as figures in output_dir/report/ (report.md: loss, metrics, "
+                            "sample grids, a denoising trajectory, the bound per timestep) and embed the main one in "
+                            "the model card.")
     logger: str = _f("tensorboard", "Experiment tracker (wandb needs `pip install wandb`).", choices=list(LOGGERS))
     logging_dir: str = _f("logs", "TensorBoard directory, relative to output_dir.")
     logging_steps: int = _f(10, "Log scalars (TensorBoard and output_dir/metrics.jsonl) every this many steps.")
@@ -290,7 +307,7 @@ class TrainConfig:
         for name in ("max_train_steps", "num_epochs", "resolution", "checkpoints_total_limit", "num_threads"):
             positive_int(name, optional=True)
         for name in ("checkpointing_steps", "dataloader_num_workers", "ema_update_after_step", "lr_warmup_steps",
-                     "eval_num_samples", "max_nan_skips"):
+                     "eval_num_samples", "max_nan_skips", "eval_steps", "eval_bound_steps"):
             positive_int(name, minimum=0)
         for name in ("save_images_steps", "save_images_epochs", "save_model_epochs"):
             positive_int(name, minimum=0, optional=True)
@@ -346,6 +363,7 @@ class TrainConfig:
             out.append(f"--snr_gamma weights the simple loss: it needs --loss simple, got --loss {c.loss}")
         if c.dataset_name and c.train_data_dir:
             out.append("give either --dataset_name or --train_data_dir, not both")
+        out.extend(_eval_problems(c, is_int))
         if c.eval_at_end and not c.uses_builtin_digits:
             out.append("--eval_at_end scores held-out built-in digits: use it without --dataset_name/--train_data_dir")
         if c.unet_preset is not None and c.model_config_name_or_path is not None:
@@ -403,6 +421,37 @@ class TrainConfig:
         if found:
             raise ConfigError("; ".join(found))
         return resolved
+
+
+def _eval_problems(c: "TrainConfig", is_int) -> list[str]:
+    """--eval_steps / --keep_best / --export: the combinations that cannot evaluate or keep what was asked."""
+    out = []
+    evaluating = is_int(c.eval_steps) and c.eval_steps > 0
+    if c.keep_best is not None and c.keep_best not in ("fdd", "bits_per_dim"):
+        out.append(f"--keep_best must be one of ['fdd', 'bits_per_dim'], got {c.keep_best!r}")
+    if c.export not in ("last", "best"):
+        out.append(f"--export must be one of ['last', 'best'], got {c.export!r}")
+    if c.keep_best is not None and not evaluating:
+        out.append(f"--keep_best {c.keep_best} compares evaluations: it needs --eval_steps N (N >= 1)")
+    if c.export == "best" and c.keep_best is None:
+        out.append("--export best exports the weights kept by --keep_best: pass --keep_best fdd or bits_per_dim")
+    if not evaluating:
+        return out
+    if not c.uses_builtin_digits:
+        out.append("--eval_steps scores samples against held-out images, which only the built-in digits have here "
+                   "(FID against a held-out set of your data is not wired into training yet: evaluate the exported "
+                   "model with ddpm_from_scratch.evaluation.evaluate_model(reference=...))")
+    if is_int(c.eval_num_samples) and c.eval_num_samples == 1:
+        out.append("--eval_num_samples must be 0 (no FDD) or >= 2 with --eval_steps (a covariance needs 2 samples)")
+    if c.eval_num_samples == 0 and c.eval_bound_steps == 0:
+        out.append("--eval_steps with --eval_num_samples 0 and --eval_bound_steps 0 has nothing to evaluate")
+    if c.keep_best == "fdd" and c.eval_num_samples == 0:
+        out.append("--keep_best fdd needs samples: --eval_num_samples must be >= 2")
+    if c.keep_best == "bits_per_dim" and c.eval_bound_steps == 0:
+        out.append("--keep_best bits_per_dim needs the bound: --eval_bound_steps must be >= 1")
+    if is_int(c.eval_bound_steps) and is_int(c.ddpm_num_steps) and c.eval_bound_steps > c.ddpm_num_steps:
+        out.append(f"--eval_bound_steps ({c.eval_bound_steps}) must be <= --ddpm_num_steps ({c.ddpm_num_steps})")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ The output folder is a ``ScratchDDPMPipeline`` (``model_index.json``, ``unet/``,
 Callbacks (``Trainer(config, callbacks=[...])``) are objects with any of these optional methods, called on the main
 process *and* on every other process (check ``trainer.accelerator.is_main_process`` before writing files):
 
+- ``on_train_begin(trainer)`` after the resume, before the first step;
 - ``on_step_end(trainer, step, logs)`` after every optimizer step; ``logs`` holds ``"loss"``, ``"lr"`` and
   ``"grad_norm"`` (floats) on logging steps and is ``{}`` otherwise;
 - ``on_save(trainer, step, path)`` after checkpoint ``path`` is complete;
@@ -61,6 +62,10 @@ class Trainer:
         self.recipe_filled = config.recipe_values()
         self.config = config.validate()
         self.callbacks = list(callbacks or [])
+        if self.config.eval_steps:
+            from .evaluation import EvaluationCallback
+
+            self.callbacks.append(EvaluationCallback())
         self.accelerator = None
         self.global_step = 0
 
@@ -250,13 +255,15 @@ class Trainer:
         logger.info("resumed from %s at step %d", resume, self.global_step)
 
     # ------------------------------------------------------------------------------------------------------
-    def save_samples(self, step: int) -> str:
-        """samples/step_<step>.png from the EMA (or raw) weights; returns its path (main process only)."""
+    def save_samples(self, step: int, model=None) -> str:
+        """samples/step_<step>.png from ``model`` (default: the EMA, or raw, weights); returns its path (main
+        process only)."""
         from .ema import ema_model_copy
         from .sampling import generate_samples, save_sample_grid
 
         c = self.config
-        model = ema_model_copy(self.accelerator.unwrap_model(self.unet), self.ema)
+        if model is None:
+            model = ema_model_copy(self.accelerator.unwrap_model(self.unet), self.ema)
         images = generate_samples(model, self.noise_scheduler, c.eval_batch_size, c.ddpm_num_inference_steps,
                                   seed=c.seed, device=self.accelerator.device)
         return save_sample_grid(images, os.path.join(c.output_dir, "samples", f"step_{step}.png"))
@@ -405,8 +412,13 @@ class Trainer:
         pipe = None
         if acc.is_main_process:
             final_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
-            grid = self.save_samples(self.global_step)
             model = ema_model_copy(acc.unwrap_model(self.unet), self.ema)
+            exported = None
+            if final:
+                from .evaluation import weights_to_export
+
+                model, exported = weights_to_export(self, model)  # --export best|last
+            grid = self.save_samples(self.global_step, model)
             with staged_export(c.output_dir) as stage:
                 pipe = save_pipeline(model, self.noise_scheduler, stage)
                 shutil.copyfile(grid, os.path.join(stage, "samples.png"))  # beside README.md, for the card
@@ -417,7 +429,10 @@ class Trainer:
                     logger.info("held-out evaluation: %s", eval_metrics)
                 self.run_info.update(final_step=self.global_step, final_loss=final_loss, last_losses=self.recent,
                                      ema=self.ema is not None)
+                if exported:
+                    self.run_info["exported"] = exported
                 fileio.atomic_write_json(os.path.join(stage, RUN_INFO_FILE), self.run_info)
+                report_figure = self._write_report(stage, pipe) if final and c.report else None
                 repo_id = c.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(c.output_dir)))
                 hub.write_model_card(
                     stage, repo_id=repo_id if c.push_to_hub else c.output_dir, sample_grid="samples.png",
@@ -427,10 +442,31 @@ class Trainer:
                     details={"UNet": c.model_config_name_or_path or c.unet_preset, "resolution": self.resolution,
                              "channels": self.prepared.channels, "training steps": self.global_step,
                              "global batch": self.global_batch * c.gradient_accumulation_steps,
-                             "EMA weights": self.ema is not None},
-                    num_inference_steps=c.ddpm_num_inference_steps, token=c.hub_token)
+                             "EMA weights": self.ema is not None,
+                             **({"exported weights": exported} if exported else {})},
+                    num_inference_steps=c.ddpm_num_inference_steps, token=c.hub_token, report_figure=report_figure)
         acc.wait_for_everyone()
         return pipe
+
+    def _write_report(self, stage: str, pipe) -> str | None:
+        """The run's report (report.write_report) into ``stage``/report/, swapped in with the pipeline; returns the
+        main figure's path relative to the card, or None (with a warning) when it could not be drawn."""
+        from ..report import MAIN_FIGURE, REPORT_DIRNAME, write_report
+
+        unet = pipe.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            write_report(self.config.output_dir, dest=os.path.join(stage, REPORT_DIRNAME),
+                         pipeline=(unet, pipe.scheduler), run_info=self.run_info, device=self.accelerator.device,
+                         bound_num_images=64, gamma_num_images=64)
+        except (ValueError, RuntimeError) as exc:  # the model is fine; only a figure is missing
+            logger.warning("the training report was not written (%s); draw it later with `ddpm-from-scratch "
+                           "report %s`", exc, self.config.output_dir)
+            return None
+        finally:
+            unet.train(was_training)
+        return f"{REPORT_DIRNAME}/{MAIN_FIGURE}"
 
     def effective_settings(self) -> dict:
         """Every effective setting (recipe defaults filled in, derived values added), secrets removed: the card's
@@ -499,6 +535,7 @@ class Trainer:
                         self.global_batch * c.gradient_accumulation_steps, self.max_steps)
         else:
             self.run_info = {}
+        self._call("on_train_begin")
         self._loop()
         self.export(final=True)
         final_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
@@ -507,7 +544,8 @@ class Trainer:
 
             repo_id = c.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(c.output_dir)))
             commit = hub.push_folder(c.output_dir, repo_id, private=c.hub_private_repo, token=c.hub_token,
-                                     ignore_patterns=(*hub.DEFAULT_PUSH_IGNORE, METRICS_FILE))
+                                     ignore_patterns=(*hub.DEFAULT_PUSH_IGNORE, METRICS_FILE, "best/*",
+                                                      "previous-best-*"))
             logger.info("pushed %s to %s", c.output_dir, commit)
         self._call("on_train_end")
         acc.end_training()
