@@ -103,7 +103,43 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", parents=[common], help="sample images into a PNG grid")
     sp.add_argument("--num_images", type=_positive_int("--num_images"), default=16)
     sp.add_argument("--out", required=True, help="output image (e.g. grid.png)")
+    sp.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
+                    help="class-conditional models: the classes to sample, as class names (model_index.json's "
+                         "class_names) or indices; one row of the grid per label, --num_images a multiple of their count")
+    sp.add_argument("--guidance_scale", type=float, default=None,
+                    help="classifier-free guidance scale s >= 0 (with --class_labels): 0 unconditional, 1 conditional "
+                         "(default), > 1 more typical of the class")
     return parser
+
+
+def model_class_names(folder: str) -> list[str] | None:
+    """The class names a saved pipeline records in model_index.json (None when it has none)."""
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    from .guidance import check_class_names
+
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f).get("class_names")
+    return None if stored is None else check_class_names(stored, len(stored))
+
+
+def cli_class_labels(tokens: list[str], class_names: list[str] | None, num_images: int) -> list:
+    """--class_labels tokens -> one label per image (a class name when it is one, else an int index), each label
+    repeated over one grid row of num_images / len(tokens) images."""
+    if num_images % len(tokens):
+        raise ValueError(f"--num_images {num_images} must be a multiple of the {len(tokens)} --class_labels "
+                         "(one grid row per label)")
+    labels = []
+    for token in tokens:
+        if class_names and token in class_names:
+            labels.append(token)
+        else:
+            try:
+                labels.append(int(token))
+            except ValueError:
+                labels.append(token)  # an unknown name: guidance.resolve_class_labels names it in its error
+    return [label for label in labels for _ in range(num_images // len(tokens))]
 
 
 def evaluate(args) -> dict:
@@ -149,11 +185,17 @@ def estimate_variance(args) -> str:
 
 
 def sample(args) -> str:
+    if args.guidance_scale is not None and args.class_labels is None:
+        raise ValueError("--guidance_scale needs --class_labels")
     unet, scheduler = load_model(args.model, args.device)
+    names = model_class_names(args.model)
+    labels = None if args.class_labels is None else cli_class_labels(args.class_labels, names, args.num_images)
     gen = torch.Generator().manual_seed(args.seed)
     images = likelihood.sample_images(unet, scheduler, args.num_images, args.steps, variance_type=args.variance_type,
-                                      batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
-    save_atomically(image_grid(images), args.out)
+                                      batch_size=args.batch_size, generator=gen, progress=not args.no_progress,
+                                      class_labels=labels, guidance_scale=args.guidance_scale, class_names=names)
+    nrow = None if labels is None else args.num_images // len(args.class_labels)
+    save_atomically(image_grid(images, nrow=nrow), args.out)
     print(f"wrote {args.num_images} samples to {args.out}")
     return args.out
 
