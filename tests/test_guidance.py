@@ -242,7 +242,7 @@ def _sample(pipe, labels):
                 generator=torch.Generator().manual_seed(11)).images
 
 
-def test_class_names_survive_save_pretrained_and_both_loaders(tmp_path):
+def test_class_names_survive_save_pretrained_and_both_loaders(tmp_path, caplog):
     pipe = cond_pipe()
     before = _sample(pipe, [0, 1, 2])
     pipe.save_pretrained(tmp_path)
@@ -257,6 +257,12 @@ def test_class_names_survive_save_pretrained_and_both_loaders(tmp_path):
         assert np.array_equal(_sample(loaded, ["cat", "dog", "owl"]), before)
         with pytest.raises(ValueError, match="unknown class name"):
             loaded(class_labels=["emu"], num_inference_steps=2)
+    assert "Expected types" not in caplog.text  # diffusers' init-argument type check accepts the stored form
+    # the stored form is checked too
+    with pytest.raises(ValueError, match="keys 0..2"):
+        ScratchDDPMPipeline(pipe.unet, pipe.scheduler, class_names={"0": "cat", "1": "dog", "5": "owl"})
+    assert ScratchDDPMPipeline(pipe.unet, pipe.scheduler, class_names={"1": "dog", "0": "cat", "2": "owl"}
+                               ).class_names == NAMES
 
 
 def test_unconditional_folder_still_loads_without_class_names(tmp_path):
