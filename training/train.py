@@ -63,6 +63,16 @@ def parse_args(argv=None):
     g.add_argument("--digits_split", default="train", choices=["train", "all"],
                    help="Built-in digits only: 'train' = 1438 of the 1797 digits, holding out the 359 that "
                         "`ddpm-from-scratch evaluate` and the FDD score; 'all' = every digit.")
+    g.add_argument("--class_conditional", action="store_true",
+                   help="Train a class-conditional model with classifier-free guidance: labels from the digits, "
+                        "the --train_data_dir subfolders or a dataset's ClassLabel column (--label_column).")
+    g.add_argument("--class_dropout_prob", type=float, default=0.1,
+                   help="With --class_conditional: probability that a label is replaced by the null class, which "
+                        "trains the unconditional model guidance needs (0 < p < 1).")
+    g.add_argument("--label_column", default=None,
+                   help="With --class_conditional: the dataset's label column (default: its only ClassLabel column).")
+    g.add_argument("--eval_guidance_scale", type=float, default=2.0,
+                   help="With --class_conditional: guidance scale of the sample grids (one row per class).")
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="DataLoader worker processes (0 = load in the main process).")
 
@@ -165,6 +175,13 @@ def parse_args(argv=None):
         p.error("give either --dataset_name or --train_data_dir, not both")
     if args.importance_sampling and args.loss != "vlb":
         p.error(f"--importance_sampling reweights the bound's terms: it needs --loss vlb, got --loss {args.loss}")
+    if args.label_column is not None and not args.class_conditional:
+        p.error("--label_column is only used with --class_conditional")
+    if not 0.0 < args.class_dropout_prob < 1.0:
+        p.error(f"--class_dropout_prob must be in (0, 1) (0 never trains the null class guidance needs), "
+                f"got {args.class_dropout_prob}")
+    if not (args.eval_guidance_scale >= 0.0 and args.eval_guidance_scale < float("inf")):
+        p.error(f"--eval_guidance_scale must be a finite number >= 0, got {args.eval_guidance_scale}")
     if args.eval_at_end and (args.dataset_name or args.train_data_dir):
         p.error("--eval_at_end scores held-out built-in digits: use it without --dataset_name/--train_data_dir")
     return args
@@ -231,7 +248,8 @@ def main(argv=None) -> int:
     dataset, prepared, source = build_training_data(
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir, resolution,
         args.center_crop, args.random_flip, args.image_channels, args.on_bad_image, args.seed,
-        digits_split=args.digits_split)
+        digits_split=args.digits_split, class_conditional=args.class_conditional, label_column=args.label_column)
+    class_names = prepared.class_names
     world, rank, per_proc = accelerator.num_processes, accelerator.process_index, args.train_batch_size
     global_batch = per_proc * world
     micro_per_epoch = len(dataset) // global_batch
@@ -249,7 +267,7 @@ def main(argv=None) -> int:
     # ---- model, scheduler, optimizer ----
     set_seed(args.seed)  # model init and dropout use the global RNGs; load_state restores them on resume
     unet = build_unet(args.unet_preset, sample_size=resolution, in_channels=prepared.channels,
-                      variance_type=args.variance_type)
+                      variance_type=args.variance_type, num_classes=len(class_names) if class_names else None)
     noise_scheduler = ScratchDDPMScheduler(num_train_timesteps=args.ddpm_num_steps,
                                            beta_schedule=args.ddpm_beta_schedule,
                                            prediction_type=args.prediction_type, variance_type=args.variance_type)
@@ -308,16 +326,31 @@ def main(argv=None) -> int:
                     "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_train_steps": max_steps,
                     "num_images": len(dataset), "skipped_images": len(prepared.skipped), "image_channels":
                     prepared.channels, "resolution": resolution, "dataset": source,
-                    "resumed_from": resume, "start_step": global_step, "torch_threads": torch.get_num_threads()}
+                    "resumed_from": resume, "start_step": global_step, "torch_threads": torch.get_num_threads(),
+                    "class_names": class_names}
         logger.info("training %s on %s: %d images (%d skipped), %d process(es) [%s], global batch %d, %d steps",
                     args.unet_preset, source, len(dataset), len(prepared.skipped), world,
                     accelerator.distributed_type, global_batch * args.gradient_accumulation_steps, max_steps)
 
+    from ddpm_from_scratch import guidance
+
+    # a conditional model's grids: one row per class, eval_batch_size / classes samples each
+    per_row = max(1, args.eval_batch_size // len(class_names)) if class_names else None
+    grid_labels = [c for c in range(len(class_names)) for _ in range(per_row)] if class_names else None
+
     def save_samples(step):
         model = tu.ema_model_copy(accelerator.unwrap_model(unet), ema)
-        images = tu.generate_samples(model, noise_scheduler, args.eval_batch_size, args.ddpm_num_inference_steps,
-                                     seed=args.seed, device=accelerator.device)
-        return tu.save_sample_grid(images, os.path.join(args.output_dir, "samples", f"step_{step}.png"))
+        images = tu.generate_samples(model, noise_scheduler, len(grid_labels) if grid_labels else args.eval_batch_size,
+                                     args.ddpm_num_inference_steps, seed=args.seed, device=accelerator.device,
+                                     class_labels=grid_labels,
+                                     guidance_scale=args.eval_guidance_scale if grid_labels else None)
+        path = os.path.join(args.output_dir, "samples", f"step_{step}.png")
+        if grid_labels:
+            from ddpm_from_scratch.images import save_image_grid
+
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return save_image_grid(images, path, nrow=per_row)
+        return tu.save_sample_grid(images, path)
 
     # ---- loop ----
     sample_shape = (prepared.channels, resolution, resolution)
@@ -327,13 +360,19 @@ def main(argv=None) -> int:
     window_t, window_steps, accum_loss, pending = time.perf_counter(), 0, 0.0, []
     unet.train()
     while global_step < max_steps:
-        x0 = next(data_iter).to(accelerator.device, non_blocking=True)
+        batch = next(data_iter)
+        labels = None
+        if class_names:
+            batch, labels = batch
+            labels = guidance.drop_labels(labels.to(accelerator.device), args.class_dropout_prob, len(class_names),
+                                          args.seed, micro, global_batch, rank)
+        x0 = batch.to(accelerator.device, non_blocking=True)
         t, eps, w = tu.step_noise(args.seed, micro, global_batch, sample_shape, args.ddpm_num_steps, rank, per_proc,
                                   device=accelerator.device, dtype=x0.dtype, timestep_sampler=timestep_sampler)
         loss, grad_norm = tu.train_micro_step(accelerator, unet, optimizer, noise_scheduler, x0, t, eps,
                                               loss_type=args.loss, snr_gamma=args.snr_gamma,
                                               max_grad_norm=args.max_grad_norm, timestep_weights=w,
-                                              timestep_sampler=timestep_sampler)
+                                              timestep_sampler=timestep_sampler, class_labels=labels)
         micro += 1
         accum_loss = accum_loss + loss.detach().float() / args.gradient_accumulation_steps
         if not accelerator.sync_gradients:
@@ -388,7 +427,8 @@ def main(argv=None) -> int:
 
         grid = save_samples(global_step)
         shutil.copyfile(grid, os.path.join(args.output_dir, "samples.png"))  # beside README.md, for the card
-        exported = tu.export_pipeline(accelerator.unwrap_model(unet), noise_scheduler, args.output_dir, ema)
+        exported = tu.export_pipeline(accelerator.unwrap_model(unet), noise_scheduler, args.output_dir, ema,
+                                      class_names=class_names)
         card_metrics = {"loss": final_loss}
         if args.eval_at_end:
             eval_metrics, run_info["eval"] = tu.evaluate_for_card(
@@ -405,8 +445,10 @@ def main(argv=None) -> int:
             training_args=public_training_args(args), metrics=card_metrics,
             details={"UNet preset": args.unet_preset, "resolution": resolution, "channels": prepared.channels,
                      "training steps": global_step, "global batch": global_batch * args.gradient_accumulation_steps,
-                     "EMA weights": ema is not None},
-            num_inference_steps=args.ddpm_num_inference_steps, token=args.hub_token)
+                     "EMA weights": ema is not None,
+                     **({"class dropout (null class)": args.class_dropout_prob} if class_names else {})},
+            num_inference_steps=args.ddpm_num_inference_steps, token=args.hub_token, class_names=class_names,
+            guidance_scale=args.eval_guidance_scale if class_names else None)
         if args.push_to_hub:
             commit = hub.push_folder(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token,
                                      ignore_patterns=hub.DEFAULT_PUSH_IGNORE)

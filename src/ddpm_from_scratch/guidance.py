@@ -211,3 +211,22 @@ def sampling_labels(unet_config, class_labels, guidance_scale, batch_size: int,
     labels = resolve_class_labels(class_labels, batch_size, k, class_names)
     scale = 1.0 if guidance_scale is None else check_guidance_scale(guidance_scale)
     return labels, scale
+
+
+def drop_labels(labels: torch.Tensor, prob: float, num_classes: int, seed: int, micro_batch: int, global_batch: int,
+                process_index: int = 0) -> torch.Tensor:
+    """Classifier-free guidance training: this process's labels (B,) with each replaced by the null class with
+    probability ``prob``.
+
+    The Bernoulli draws are made on the CPU for the whole global micro-batch ``micro_batch`` from a generator seeded
+    by (seed, micro_batch) (like the per-step noise), then sliced for this process, so that a resumed run and any
+    process count see the same dropped labels."""
+    from .data import mix_seed
+
+    if not 0.0 <= prob < 1.0:
+        raise ValueError(f"class_dropout_prob must be in [0, 1), got {prob!r}")
+    per_process = labels.shape[0]
+    gen = torch.Generator().manual_seed(mix_seed(seed, 4, micro_batch))
+    drop = torch.rand(global_batch, generator=gen) < prob
+    mine = drop[process_index * per_process:(process_index + 1) * per_process].to(labels.device)
+    return torch.where(mine, torch.full_like(labels, null_label(num_classes)), labels)

@@ -114,6 +114,8 @@ def model_card_text(
     extra_tags: Iterable[str] = (),
     license: str = "apache-2.0",
     token: str | None = None,
+    class_names: Iterable[str] | None = None,
+    guidance_scale: float | None = None,
 ) -> str:
     """The README.md text of a ScratchDDPMPipeline repository.
 
@@ -123,6 +125,8 @@ def model_card_text(
     ``{"loss": 0.03, "bits_per_dim": 3.7, "fdd": 12.0}``. ``sample_grid``: image path relative to the
     card. ``num_inference_steps``: used in the snippet (the pipeline default when None). Any known
     token (``token``, HF_TOKEN, the saved login) or Hub-token-shaped string is redacted.
+    ``class_names``: a class-conditional model's classes (index = label); the card then says so, lists them,
+    samples a class in the snippet (with ``guidance_scale``) and reads the sample grid as one row per class.
     """
     from huggingface_hub import ModelCardData
 
@@ -132,7 +136,9 @@ def model_card_text(
         raise ValueError(f"num_inference_steps must be a positive int or None, got {num_inference_steps!r}")
     if sample_grid is not None and (os.path.isabs(sample_grid) or sample_grid.startswith("..")):
         raise ValueError(f"sample_grid must be a path relative to the card, got {sample_grid!r}")
-    tags = list(dict.fromkeys([*REQUIRED_TAGS, *extra_tags]))
+    class_names = None if class_names is None else [str(c) for c in class_names]
+    conditional_tags = ("class-conditional", "classifier-free-guidance") if class_names else ()
+    tags = list(dict.fromkeys([*REQUIRED_TAGS, *conditional_tags, *extra_tags]))
     data = ModelCardData(
         library_name="diffusers",
         license=license,
@@ -143,6 +149,13 @@ def model_card_text(
     )
     name = repo_id.rstrip("/").split("/")[-1]
     steps = f", num_inference_steps={num_inference_steps}" if num_inference_steps else ""
+    kind = "An unconditional image diffusion model (DDPM, Ho et al. 2020)"
+    call = f"batch_size=4, generator=generator{steps}"
+    if class_names:
+        kind = (f"A class-conditional image diffusion model (DDPM, Ho et al. 2020; {len(class_names)} classes, "
+                "classifier-free guidance)")
+        scale = f", guidance_scale={guidance_scale:g}" if guidance_scale is not None else ""
+        call = f"class_labels=[{json.dumps(class_names[0])}] * 4{scale}, generator=generator{steps}"
     lines = [
         "---",
         data.to_yaml(),
@@ -150,7 +163,7 @@ def model_card_text(
         "",
         f"# {name}",
         "",
-        "An unconditional image diffusion model (DDPM, Ho et al. 2020) trained with "
+        f"{kind} trained with "
         "`ddpm-from-scratch`, a plugin for [diffusers](https://github.com/huggingface/diffusers)"
         + (f" on `{dataset_name}`." if dataset_name else "."),
         "",
@@ -162,15 +175,22 @@ def model_card_text(
         "",
         f"pipe = ScratchDDPMPipeline.from_pretrained({json.dumps(repo_id)})",
         "generator = torch.Generator().manual_seed(0)",
-        f"images = pipe(batch_size=4, generator=generator{steps}).images",
+        f"images = pipe({call}).images",
         'images[0].save("sample.png")',
         "```",
         "",
         "After `import ddpm_from_scratch`, `diffusers.DiffusionPipeline.from_pretrained` loads it too.",
         "",
     ]
+    if class_names:
+        lines += ["## Classes", "",
+                  "`class_labels` takes a class index or name; `guidance_scale` s is classifier-free guidance "
+                  "(0: unconditional, 1: conditional, > 1: more typical of the class).", "",
+                  "| index | name |", "|---|---|"]
+        lines += [f"| {i} | {_cell(n)} |" for i, n in enumerate(class_names)] + [""]
     if sample_grid:
-        lines += ["## Samples", "", f"![samples]({sample_grid.replace(os.sep, '/')})", ""]
+        rows = f"One row per class ({', '.join(class_names)}).\n\n" if class_names else ""
+        lines += ["## Samples", "", f"{rows}![samples]({sample_grid.replace(os.sep, '/')})", ""]
     if details:
         lines += ["## Model", ""] + [f"- **{k}**: {_cell(v)}" for k, v in details.items()] + [""]
     if metrics:

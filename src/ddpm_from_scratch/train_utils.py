@@ -177,7 +177,7 @@ def update_timestep_sampler(accelerator, sampler, timesteps: torch.Tensor, losse
 
 def train_micro_step(accelerator, unet, optimizer, noise_scheduler, x_start, timesteps, noise, *,
                      loss_type: str = "simple", snr_gamma: float | None = None, max_grad_norm: float = 0.0,
-                     timestep_weights=None, timestep_sampler=None):
+                     timestep_weights=None, timestep_sampler=None, class_labels=None):
     """One micro-batch of Algorithm 1 under Accelerate: loss (losses.training_loss), backward, and on the last
     micro-batch of an accumulation the gradient clip and optimizer step. x_start (B, C, H, W) in [-1, 1].
     With a timestep_sampler its loss history gets this micro-batch's bound terms from every process.
@@ -189,7 +189,8 @@ def train_micro_step(accelerator, unet, optimizer, noise_scheduler, x_start, tim
     with accelerator.accumulate(unet):
         with accelerator.autocast():
             out = training_loss(unet, noise_scheduler, x_start, loss_type=loss_type, snr_gamma=snr_gamma,
-                                timesteps=timesteps, noise=noise, timestep_weights=timestep_weights)
+                                timesteps=timesteps, noise=noise, timestep_weights=timestep_weights,
+                                class_labels=class_labels)
             loss = out["loss"]
         accelerator.backward(loss)
         grad_norm = None
@@ -391,15 +392,18 @@ def pipeline_class():
     return ScratchDDPMPipeline
 
 
-def generate_samples(unet, scheduler, num_images: int, num_inference_steps: int, seed: int, device=None):
-    """(N, H, W, C) float in [0, 1] from the pipeline with ``unet`` (EMA weights or not) and ``scheduler``."""
+def generate_samples(unet, scheduler, num_images: int, num_inference_steps: int, seed: int, device=None,
+                     class_labels=None, guidance_scale=None):
+    """(N, H, W, C) float in [0, 1] from the pipeline with ``unet`` (EMA weights or not) and ``scheduler``
+    (``class_labels``: one per image, for a class-conditional UNet)."""
     pipe = pipeline_class()(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     was_training = unet.training
     unet.eval()
     try:
-        out = pipe(batch_size=num_images, num_inference_steps=num_inference_steps, generator=gen, output_type="np")
+        out = pipe(batch_size=num_images, num_inference_steps=num_inference_steps, generator=gen, output_type="np",
+                   class_labels=class_labels, guidance_scale=guidance_scale)
     finally:
         unet.train(was_training)
     return np.asarray(out.images)
@@ -445,10 +449,10 @@ def evaluate_for_card(unet, scheduler, *, num_inference_steps: int, num_samples:
     return card, {k: v for k, v in report.items() if k not in ("timesteps", "terms_bpd")}
 
 
-def export_pipeline(unet, scheduler, output_dir: str, ema: EMA | None = None):
+def export_pipeline(unet, scheduler, output_dir: str, ema: EMA | None = None, class_names=None):
     """Saves a pipeline loadable with ``ScratchDDPMPipeline.from_pretrained(output_dir)`` (safetensors);
     the UNet holds the EMA weights when ``ema`` is given. Returns the pipeline."""
     model = ema_model_copy(unet, ema)
-    pipe = pipeline_class()(unet=model, scheduler=scheduler)
+    pipe = pipeline_class()(unet=model, scheduler=scheduler, class_names=class_names)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     return pipe
