@@ -152,7 +152,8 @@ class ScratchDDPMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, class_names: Sequence[str] | dict[str, str] | None = None):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin,
+                 class_names: Sequence[str] | dict[str, str] | None = None):
         super().__init__()
         if unet is not None:
             class_names = guidance.check_class_names(class_names, guidance.num_classes_of(unet.config))
