@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a class-conditional digits pipeline folder")
     p.add_argument("--uncond_model", default=None, help="an unconditional digits pipeline folder (FDD baseline)")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
+    p.add_argument("--scales", type=float, nargs="*", default=[0.0, 1.0, 2.0, 4.0],
+                   help="guidance scales (none: only the --uncond_model baseline)")
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--steps", type=int, default=1000, help="sampling steps (respaced when < training steps)")
     p.add_argument("--batch_size", type=int, default=500)
@@ -87,12 +88,13 @@ def main(argv=None) -> int:
         real_acc = float((classifier(real).argmax(1) == real_labels).double().mean())
     print(f"classifier on the {len(real)} real held-out digits: accuracy {real_acc:.4f}", flush=True)
 
-    pipe = ScratchDDPMPipeline.from_pretrained(args.model)
-    unet = pipe.unet.to(args.device).eval()
-    if pipe.class_names is None:
-        raise SystemExit(f"--model {args.model} is not class-conditional")
-    labels = torch.arange(args.num_samples) % len(pipe.class_names)
     rows = []
+    if args.scales:
+        pipe = ScratchDDPMPipeline.from_pretrained(args.model)
+        unet = pipe.unet.to(args.device).eval()
+        if pipe.class_names is None:
+            raise SystemExit(f"--model {args.model} is not class-conditional")
+        labels = torch.arange(args.num_samples) % len(pipe.class_names)
     for scale in args.scales:
         start = time.perf_counter()
         samples = sample_images(unet, pipe.scheduler, args.num_samples, args.steps, batch_size=args.batch_size,
