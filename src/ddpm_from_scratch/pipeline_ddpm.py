@@ -1,4 +1,5 @@
-"""ScratchDDPMPipeline: unconditional DDPM sampling (Ho et al. 2020, Algorithm 2) as a diffusers pipeline.
+"""ScratchDDPMPipeline: DDPM sampling (Ho et al. 2020, Algorithm 2) as a diffusers pipeline, unconditional or
+class-conditional with classifier-free guidance (guidance.py).
 
 The loop is the UNet and ``scheduler.step`` and nothing else; everything that can be checked is checked
 before the first step. Loading is safetensors-first: a folder (or Hub repo) whose model weights exist only
