@@ -359,3 +359,15 @@ def test_bits_per_dim_of_a_conditional_unet_is_its_null_class_model():
     a = L.bits_per_dim(unet, sched, images, generator=torch.Generator().manual_seed(1))
     b = L.bits_per_dim(NullOnly(), sched, images, generator=torch.Generator().manual_seed(1))
     assert math.isfinite(a.total) and a.total == pytest.approx(b.total, rel=1e-12)
+
+
+def test_per_image_generators_keep_each_guided_image_independent_of_the_batch():
+    pipe = cond_pipe()
+
+    def run(labels, seeds):
+        return pipe(class_labels=labels, guidance_scale=3.0, num_inference_steps=4, output_type="pt",
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+
+    both = run([1, 2], [10, 20])
+    alone = run([2], [20])
+    torch.testing.assert_close(both[1:], alone, rtol=0, atol=1e-5)  # row 1 of [x, x] and its null twin only
