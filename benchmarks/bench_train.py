@@ -12,8 +12,8 @@ What each side does per optimizer step:
   and applies Resize / CenterCrop / ToTensor / Normalize per item (the example uses torchvision; it is written
   here with PIL + numpy, the same work), ``torch.randn`` noise, ``DDPMScheduler.add_noise``, MSE on eps,
   ``accelerator.backward``, clip 1.0, AdamW step, LR scheduler step, ``diffusers.training_utils.EMAModel.step``.
-- ours: ``PositionBatchSampler`` over the cached ``ImageTrainingDataset``, ``train_utils.step_noise``,
-  ``train_utils.train_micro_step`` (losses.training_loss + clip + AdamW), LR scheduler step, ``train_utils.EMA``.
+- ours: ``PositionBatchSampler`` over the cached ``ImageTrainingDataset``, ``trainer.steps.step_noise``,
+  ``trainer.steps.train_micro_step`` (losses.training_loss + clip + AdamW), LR scheduler step, ``trainer.ema.EMA``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def build(args, device):
     from diffusers.training_utils import EMAModel
 
     from ddpm_from_scratch import ScratchDDPMScheduler
-    from ddpm_from_scratch import train_utils as tu
+    from ddpm_from_scratch.trainer.ema import EMA
+    from ddpm_from_scratch.trainer.steps import step_noise, train_micro_step
     from ddpm_from_scratch.data import PositionBatchSampler
     from ddpm_from_scratch.unet_presets import PRESETS, build_unet
 
@@ -131,7 +132,7 @@ def build(args, device):
     ours_model = make_model()
     ours_opt = make_opt(ours_model)
     ours_lr = get_scheduler("cosine", optimizer=ours_opt, num_warmup_steps=10, num_training_steps=100000)
-    ours_ema = tu.EMA(ours_model, max_decay=0.9999)
+    ours_ema = EMA(ours_model, max_decay=0.9999)
     ours_model, ours_opt = accelerator.prepare(ours_model, ours_opt)
     ours_ema.shadow = [s.to(accelerator.device) for s in ours_ema.shadow]
     ours_sched = ScratchDDPMScheduler(num_train_timesteps=1000)
@@ -146,8 +147,8 @@ def build(args, device):
         x0 = next(ours_iter).to(accelerator.device, non_blocking=True)
         if args.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        t, eps, _ = tu.step_noise(0, state["micro"], args.batch, shape, 1000, device=accelerator.device, dtype=x0.dtype)
-        loss, _ = tu.train_micro_step(accelerator, ours_model, ours_opt, ours_sched, x0, t, eps, max_grad_norm=1.0)
+        t, eps, _ = step_noise(0, state["micro"], args.batch, shape, 1000, device=accelerator.device, dtype=x0.dtype)
+        loss, _, _ = train_micro_step(accelerator, ours_model, ours_opt, ours_sched, x0, t, eps, max_grad_norm=1.0)
         ours_lr.step()
         ours_ema.update(accelerator.unwrap_model(ours_model))
         state["micro"] += 1

@@ -412,11 +412,26 @@ def test_server_refuses_non_loopback_host():
 
 # -- hub.py helpers without network ---------------------------------------------------------------
 def test_public_training_args_drops_every_secret_key():
-    import argparse
+    import dataclasses
 
-    args = argparse.Namespace(hub_token="x", token="y", db_password="z", client_secret="s", openai_api_key="k",
-                              learning_rate=2e-4, hub_model_id="u/m")
-    assert public_training_args(args) == {"learning_rate": 2e-4, "hub_model_id": "u/m"}
+    @dataclasses.dataclass
+    class Settings:
+        hub_token: str = "x"
+        token: str = "y"
+        db_password: str = "z"
+        client_secret: str = "s"
+        openai_api_key: str = "k"
+        learning_rate: float = 2e-4
+        hub_model_id: str = "u/m"
+
+    assert public_training_args(Settings()) == {"learning_rate": 2e-4, "hub_model_id": "u/m"}
+    assert public_training_args(dataclasses.asdict(Settings())) == {"learning_rate": 2e-4, "hub_model_id": "u/m"}
+    from ddpm_from_scratch.trainer import TrainConfig
+
+    public = public_training_args(TrainConfig(hub_token="hf_secret", learning_rate=1e-3))
+    assert "hub_token" not in public and public["learning_rate"] == 1e-3
+    with pytest.raises(TypeError, match="training_args"):
+        public_training_args(Settings)  # the class, not an instance
     with pytest.raises(TypeError, match="training_args"):
         public_training_args(["not", "a", "mapping"])
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpm_from_scratch import train_utils as tu
+from ddpm_from_scratch.trainer import checkpoints as ckpt
+from ddpm_from_scratch.trainer.ema import EMA, EMA_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "training", "train.py")
+FAULTS = os.path.join(ROOT, "tests", "fault_injection.py")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 # tiny, fast settings shared by every run: the digits, 12 optimizer steps, a 5-step sampler for the grids
@@ -28,7 +30,6 @@ def _env(tmp_path, **extra):
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
                HF_DATASETS_CACHE=str(tmp_path / "hf_home" / "datasets"), PYTHONUNBUFFERED="1")
-    env.pop(tu.FAULT_ENV, None)
     env.update(extra)
     return env
 
@@ -42,11 +43,12 @@ def _train(tmp_path, out, *flags, env=None, launcher=None, check=True, timeout=2
 
 
 def _train_until_paused(tmp_path, out, pause, *flags, timeout=240):
-    """Starts a run that blocks at ``pause`` (see train_utils.FAULT_ENV), SIGKILLs it there, returns its log."""
+    """Starts a run that blocks at ``pause`` (injected by tests/fault_injection.py), SIGKILLs it there, returns
+    its log."""
     log = tmp_path / f"log-{pause.replace(':', '-')}.txt"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, SCRIPT, "--output_dir", str(out), *FAST, *flags], cwd=ROOT,
-                                env=_env(tmp_path, **{tu.FAULT_ENV: pause}), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, FAULTS, pause, "--output_dir", str(out), *FAST, *flags], cwd=ROOT,
+                                env=_env(tmp_path), stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     try:
         while f"PAUSED {pause}" not in log.read_text():
@@ -86,24 +88,24 @@ def test_kill_after_checkpoint_and_during_save_then_resume_is_bit_identical(tmp_
     flags = ["--max_train_steps", "12", "--checkpointing_steps", "4", "--checkpoints_total_limit", "2"]
     # 1) SIGKILL right after checkpoint-4 is complete
     _train_until_paused(tmp_path, out, "after_checkpoint:4", *flags)
-    assert [s for s, _ in tu.list_checkpoints(str(out))] == [4]
+    assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [4]
     # foreign and incomplete dirs that the checkpoint limit must never delete
     (out / "checkpoint-2").mkdir()
     (out / "checkpoint-notes").mkdir()
     # 2) resume, then SIGKILL while checkpoint-8 is written (after save_state, before the rename)
     log = _train_until_paused(tmp_path, out, "during_save:8", *flags, "--resume_from_checkpoint", "latest")
     assert "resumed from" in log and "checkpoint-4" in log
-    assert os.path.isdir(out / f"{tu.TMP_PREFIX}8") and not os.path.exists(out / "checkpoint-8")
-    assert tu.resolve_checkpoint(str(out), "latest") == str(out / "checkpoint-4")  # previous one still usable
+    assert os.path.isdir(out / f"{ckpt.TMP_PREFIX}8") and not os.path.exists(out / "checkpoint-8")
+    assert ckpt.resolve_checkpoint(str(out), "latest") == str(out / "checkpoint-4")  # previous one still usable
     # 3) resume again (from 4: 8 never completed) and finish
     _train(tmp_path, out, *flags, "--resume_from_checkpoint", "latest")
     _assert_bit_identical(_weights(out), _weights(ref))  # exported EMA weights
     _assert_bit_identical(load_file(str(out / "checkpoint-12" / "model.safetensors")),
                           load_file(str(ref / "checkpoint-12" / "model.safetensors")))  # raw weights
     # limit 2: 4 went, 8 and 12 stay; the incomplete/foreign dirs were not touched; the temp dir was replaced
-    assert [s for s, _ in tu.list_checkpoints(str(out))] == [8, 12]
+    assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [8, 12]
     assert os.path.isdir(out / "checkpoint-2") and os.path.isdir(out / "checkpoint-notes")
-    assert not os.path.exists(out / f"{tu.TMP_PREFIX}8")
+    assert not os.path.exists(out / f"{ckpt.TMP_PREFIX}8")
     info = json.loads((out / "run_info.json").read_text())
     assert info["start_step"] == 4 and info["final_step"] == 12
     ref_info = json.loads((ref / "run_info.json").read_text())
@@ -120,7 +122,7 @@ def test_output_dir_is_a_loadable_pipeline_with_card_and_grid(uninterrupted):
                   output_type="np").images
     assert images.shape == (2, 8, 8, 1)
     # the saved UNet holds the EMA weights (as in the last checkpoint), not the raw ones
-    ema = load_file(str(out / "checkpoint-12" / tu.EMA_FILE))
+    ema = load_file(str(out / "checkpoint-12" / EMA_FILE))
     raw = load_file(str(out / "checkpoint-12" / "model.safetensors"))
     exported = dict(pipe.unet.state_dict())
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
@@ -168,7 +170,7 @@ def test_two_process_gloo_run_matches_one_process_and_pushes(tmp_path):
     # EMA: one update per optimizer step (6), not per micro-batch (12) or per process
     from safetensors import safe_open
 
-    with safe_open(str(two / "checkpoint-6" / tu.EMA_FILE), "pt") as f:
+    with safe_open(str(two / "checkpoint-6" / EMA_FILE), "pt") as f:
         assert f.metadata()["num_updates"] == "6"
     assert proc.stdout.count("Done:") == 1  # only the main process reports (and writes)
     events = list((two / "logs").rglob("events.out.tfevents.*"))  # name: ...tfevents.<time>.<host>.<pid>.<n>
@@ -192,7 +194,7 @@ def test_two_process_gloo_run_matches_one_process_and_pushes(tmp_path):
     assert len(l1) == len(l2) == 6
     assert l2[0] == pytest.approx(l1[0], rel=1e-6)
     assert l2 == pytest.approx(l1, rel=1e-4)
-    for ckpt_file in ("model.safetensors", tu.EMA_FILE):  # raw and EMA weights
+    for ckpt_file in ("model.safetensors", EMA_FILE):  # raw and EMA weights
         w1 = load_file(str(one / "checkpoint-6" / ckpt_file))
         w2 = load_file(str(two / "checkpoint-6" / ckpt_file))
         for k in w1:
@@ -248,11 +250,11 @@ def test_help_documents_the_flags():
         assert flag in proc.stdout, flag
 
 
-# ---- train_utils in-process: EMA against its closed form, checkpoint housekeeping ----
+# ---- trainer modules in-process: EMA against its closed form, checkpoint housekeeping ----
 
 def test_ema_matches_closed_form_float64():
     model = torch.nn.Linear(3, 2)
-    ema = tu.EMA(model, max_decay=0.9, power=0.75, inv_gamma=1.0)
+    ema = EMA(model, max_decay=0.9, power=0.75, inv_gamma=1.0)
     ref = {k: v.detach().double().clone() for k, v in model.named_parameters()}
     gen = torch.Generator().manual_seed(0)
     for n in range(1, 30):
@@ -271,13 +273,13 @@ def test_ema_matches_closed_form_float64():
 
 def test_ema_save_load_roundtrip(tmp_path):
     model = torch.nn.Linear(3, 2)
-    ema = tu.EMA(model)
+    ema = EMA(model)
     for _ in range(3):
         with torch.no_grad():
             model.weight.add_(1.0)
         ema.update(model)
     ema.save(str(tmp_path / "e.safetensors"))
-    other = tu.EMA(torch.nn.Linear(3, 2))
+    other = EMA(torch.nn.Linear(3, 2))
     other.load(str(tmp_path / "e.safetensors"))
     assert other.num_updates == 3 and all(torch.equal(a, b) for a, b in zip(ema.shadow, other.shadow))
 
@@ -286,21 +288,22 @@ def test_checkpoint_listing_and_pruning(tmp_path):
     for step in (1, 5, 10, 20):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
-        (d / tu.STATE_FILE).write_text("{}")
+        (d / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+        torch.save({"step": step}, str(d / "random_states_0.pkl"))
     (tmp_path / "checkpoint-30").mkdir()  # incomplete
-    (tmp_path / f"{tu.TMP_PREFIX}40").mkdir()  # being written
-    assert [s for s, _ in tu.list_checkpoints(str(tmp_path))] == [1, 5, 10, 20]
-    assert tu.resolve_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-20")
-    assert tu.resolve_checkpoint(str(tmp_path), "checkpoint-5") == str(tmp_path / "checkpoint-5")
+    (tmp_path / f"{ckpt.TMP_PREFIX}40").mkdir()  # being written
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1, 5, 10, 20]
+    assert ckpt.resolve_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-20")
+    assert ckpt.resolve_checkpoint(str(tmp_path), "checkpoint-5") == str(tmp_path / "checkpoint-5")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        tu.resolve_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-30"))
+        ckpt.resolve_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-30"))
     with pytest.raises(ValueError, match="does not exist"):
-        tu.resolve_checkpoint(str(tmp_path), "checkpoint-99")
-    removed = tu.prune_checkpoints(str(tmp_path), 2)
+        ckpt.resolve_checkpoint(str(tmp_path), "checkpoint-99")
+    removed = ckpt.prune_checkpoints(str(tmp_path), 2)
     assert sorted(os.path.basename(r) for r in removed) == ["checkpoint-1", "checkpoint-5"]
-    assert sorted(os.listdir(tmp_path)) == sorted([f"{tu.TMP_PREFIX}40", "checkpoint-10", "checkpoint-20",
+    assert sorted(os.listdir(tmp_path)) == sorted([f"{ckpt.TMP_PREFIX}40", "checkpoint-10", "checkpoint-20",
                                                    "checkpoint-30"])
-    assert tu.resolve_checkpoint(str(tmp_path / "nowhere"), "latest") is None
+    assert ckpt.resolve_checkpoint(str(tmp_path / "nowhere"), "latest") is None
 
 
 def test_eval_at_end_puts_the_held_out_bound_and_fdd_on_the_card(tmp_path):
@@ -349,6 +352,6 @@ def test_a_new_run_never_mixes_with_or_deletes_an_earlier_runs_checkpoints(tmp_p
     assert again.returncode != 0 and "earlier run" in again.stderr and "--resume_from_checkpoint latest" in again.stderr
     _train(tmp_path, out, *flags, "--seed", "8", "--overwrite_output_dir")
     _assert_bit_identical(load_file(str(out / "previous-checkpoints-1" / "checkpoint-4" / "model.safetensors")), first)
-    assert [s for s, _ in tu.list_checkpoints(str(out))] == [4]  # the new run's own
+    assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [4]  # the new run's own
     assert not torch.equal(next(iter(first.values())),
                            next(iter(load_file(str(out / "checkpoint-4" / "model.safetensors")).values())))

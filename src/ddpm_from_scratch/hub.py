@@ -8,7 +8,7 @@ skipping intermediate checkpoints and logs. Tokens are only passed through, neve
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,14 +74,16 @@ def _scrub(text: str, tokens: Iterable[str]) -> str:
     return _TOKEN_VALUE_RE.sub("<redacted>", text)
 
 
-def public_training_args(args: Mapping[str, Any] | argparse.Namespace | None) -> dict[str, Any]:
-    """Training arguments with every secret-looking key (token, password, secret, api_key...) removed."""
+def public_training_args(args: Any) -> dict[str, Any]:
+    """Training settings with every secret-looking key (token, password, secret, api_key...) removed.
+
+    ``args``: a dataclass instance (``trainer.TrainConfig``), a mapping, or None."""
     if args is None:
         return {}
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
+    if dataclasses.is_dataclass(args) and not isinstance(args, type):
+        args = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
     if not isinstance(args, Mapping):
-        raise TypeError(f"training_args must be a mapping or argparse.Namespace, got {type(args).__name__}")
+        raise TypeError(f"training_args must be a dataclass (TrainConfig) or a mapping, got {type(args).__name__}")
     return {str(k): v for k, v in args.items() if not is_secret_key(str(k))}
 
 
@@ -106,7 +108,7 @@ def model_card_text(
     repo_id: str,
     *,
     dataset_name: str | None = None,
-    training_args: Mapping[str, Any] | argparse.Namespace | None = None,
+    training_args: Any = None,
     metrics: Mapping[str, Any] | None = None,
     sample_grid: str | None = None,
     details: Mapping[str, Any] | None = None,
