@@ -404,3 +404,54 @@ def test_digits_classifier_script_writes_atomically(tmp_path, monkeypatch):
         script.main(["--out", str(out), "--epochs", "1", "--min_accuracy", "0", "--seed", "1"])
     assert os.listdir(tmp_path) == ["net.safetensors"]
     assert all(torch.equal(v, load_file(out)[k]) for k, v in first.items())
+
+
+@pytest.fixture(scope="module")
+def conditional_dir(tmp_path_factory):
+    from ddpm_from_scratch.pipeline_ddpm import ScratchDDPMPipeline
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", in_channels=1, num_classes=3).eval()
+    sched = ScratchDDPMScheduler(num_train_timesteps=20)
+    folder = tmp_path_factory.mktemp("conditional")
+    ScratchDDPMPipeline(unet=unet, scheduler=sched, class_names=["ant", "bee", "cow"]).save_pretrained(folder)
+    return str(folder), unet, sched
+
+
+def test_sample_chosen_classes_one_row_each(conditional_dir, tmp_path):
+    folder, unet, sched = conditional_dir
+    out = tmp_path / "grid.png"
+    cli.main(["sample", "--model", folder, "--num_images", "6", "--steps", "3", "--out", str(out), "--device", "cpu",
+              "--class_labels", "cow", "0", "--guidance_scale", "2", "--scale", "1", "--no_progress"])
+    img = Image.open(out)
+    assert img.size == (3 * 9 + 1, 2 * 9 + 1)  # 2 rows (one per label) of 3
+    expected = L.sample_images(unet, sched, 6, 3, class_labels=[2, 2, 2, 0, 0, 0], guidance_scale=2.0,
+                               generator=torch.Generator().manual_seed(0))
+    for i in (0, 4):  # first tile of row 1 (cow), second tile of row 2 (ant)
+        r, c = divmod(i, 3)
+        tile = torch.from_numpy(np.asarray(img.crop((1 + 9 * c, 1 + 9 * r, 9 + 9 * c, 9 + 9 * r)), dtype=np.float32))
+        torch.testing.assert_close(tile, ((expected[i, 0].clamp(-1, 1) + 1) * 127.5).round(), atol=1.0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "which,extra,words",
+    [
+        ("cond", ["--class_labels", "emu"], "unknown class name 'emu'"),
+        ("cond", ["--class_labels", "3"], "label 3 is out of range"),
+        ("cond", ["--class_labels", "0", "1", "--num_images", "3"], "multiple of the 2 --class_labels"),
+        ("cond", ["--class_labels", "0", "--guidance_scale", "-1"], "guidance_scale must be a finite number >= 0"),
+        ("cond", ["--guidance_scale", "2"], "--guidance_scale needs --class_labels"),
+        ("plain", ["--class_labels", "0"], "class_labels needs a class-conditional UNet"),
+    ],
+)
+def test_bad_conditioning_exits_2_with_one_line(model_dir, conditional_dir, tmp_path, capsys, which, extra, words):
+    folder = (conditional_dir if which == "cond" else model_dir)[0]
+    out = tmp_path / "g.png"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sample", "--model", folder, "--out", str(out), "--steps", "2", "--num_images", "2",
+                  "--no_progress", *extra])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (diffusers' loading bar may come before it)
+    assert info.value.code == 2 and last.startswith("ddpm-from-scratch sample: error: ") and words in last
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert not out.exists()

@@ -163,3 +163,102 @@ def test_sampler_shards_resume_and_epochs():
     assert [next(resumed) for _ in range(5)] == batches[7:12]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         D.PositionBatchSampler(5, 3, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Class labels (class-conditional training)
+# ----------------------------------------------------------------------------------------------------------
+def test_digits_yield_their_labels_and_names():
+    from sklearn.datasets import load_digits
+
+    ds, prepared, _ = D.build_training_data(resolution=8, class_conditional=True, digits_split="train")
+    assert prepared.class_names == [str(i) for i in range(10)] and ds.class_names == prepared.class_names
+    train_idx = D.digits_split_indices()[0].numpy()
+    truth = load_digits().target[train_idx]
+    assert np.array_equal(prepared.labels, truth)
+    image, label = ds[(0, 5)]
+    assert image.shape == (1, 8, 8) and label.dtype == torch.int64 and int(label) == truth[5]
+    plain, _, _ = D.build_training_data(resolution=8, digits_split="train")
+    assert torch.equal(plain[(0, 5)], image)  # the same pixels, without the label
+    batch = torch.utils.data.default_collate([ds[(0, i)] for i in range(4)])
+    assert batch[0].shape == (4, 1, 8, 8) and batch[1].tolist() == truth[:4].tolist()
+
+
+def test_image_folder_subfolders_become_classes_and_skips_keep_alignment(tmp_path):
+    root = tmp_path / "imgs"
+    for cls, value in (("apple", 20), ("kiwi", 120), ("pear", 220)):
+        for i in range(2):
+            _write_png(str(root / cls / f"{i}.png"), np.full((8, 8), value), mode="L")
+    (root / "kiwi" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    ds, prepared, _ = D.build_training_data(train_data_dir=str(root), resolution=8, on_bad_image="skip",
+                                            class_conditional=True, cache_dir=str(tmp_path / "c"))
+    assert prepared.class_names == ["apple", "kiwi", "pear"] and len(ds) == 6
+    for i in range(len(ds)):  # each image's label is its folder's (the skipped file shifts nothing)
+        image, label = ds[(0, i)]
+        value = round(float(image.mean() * 127.5 + 127.5))
+        assert prepared.class_names[int(label)] == {20: "apple", 120: "kiwi", 220: "pear"}[value]
+
+
+def test_an_image_folder_without_class_subfolders_is_refused(tmp_path):
+    root = tmp_path / "flat"
+    for i in range(3):
+        _write_png(str(root / f"{i}.png"), np.full((8, 8), 10 * i), mode="L")
+    with pytest.raises(ValueError, match="no class labels.*--label_column.*one subfolder per class"):
+        D.build_training_data(train_data_dir=str(root), resolution=8, class_conditional=True,
+                              cache_dir=str(tmp_path / "c"))
+
+
+def _labelled_dataset(**columns):
+    import datasets
+
+    images = [Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8), mode="L") for i in range(4)]
+    features = {"image": datasets.Image()}
+    data = {"image": images}
+    for name, (values, feature) in columns.items():
+        data[name], features[name] = values, feature
+    return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+def test_label_column_detection_and_choice(tmp_path):
+    import datasets
+
+    fine = datasets.ClassLabel(names=["a", "b", "c", "d"])
+    coarse = datasets.ClassLabel(names=["low", "high"])
+    one = _labelled_dataset(fine=([3, 2, 1, 0], fine))
+    assert D.find_label_column(one) == "fine"
+    assert D.dataset_labels(one)[0].tolist() == [3, 2, 1, 0]
+    two = _labelled_dataset(fine=([3, 2, 1, 0], fine), coarse=([1, 1, 0, 0], coarse))
+    assert D.find_label_column(two) is None
+    with pytest.raises(ValueError, match=r"several ClassLabel columns \['fine', 'coarse'\].*--label_column"):
+        D.dataset_labels(two)
+    labels, names = D.dataset_labels(two, "coarse")
+    assert labels.tolist() == [1, 1, 0, 0] and names == ["low", "high"]
+    with pytest.raises(ValueError, match="label_column 'nope' is not a column"):
+        D.dataset_labels(two, "nope")
+    # a saved dataset through build_training_data
+    two.save_to_disk(str(tmp_path / "saved"))
+    ds, prepared, _ = D.build_training_data(dataset_name=str(tmp_path / "saved"), resolution=8,
+                                            class_conditional=True, label_column="fine")
+    assert prepared.class_names == ["a", "b", "c", "d"] and [int(ds[(0, i)][1]) for i in range(4)] == [3, 2, 1, 0]
+    with pytest.raises(ValueError, match="label_column is only used with class_conditional"):
+        D.build_training_data(dataset_name=str(tmp_path / "saved"), resolution=8, label_column="fine")
+
+
+def test_string_and_bad_label_columns():
+    import datasets
+
+    words = _labelled_dataset(kind=(["owl", "cat", "owl", "cat"], datasets.Value("string")))
+    labels, names = D.dataset_labels(words, "kind")
+    assert names == ["cat", "owl"] and labels.tolist() == [1, 0, 1, 0]
+    floats = _labelled_dataset(score=([0.1, 0.2, 0.3, 0.4], datasets.Value("float32")))
+    with pytest.raises(ValueError, match="label_column 'score' holds .*not class labels"):
+        D.dataset_labels(floats, "score")
+    missing = _labelled_dataset(fine=([0, -1, 1, 0], datasets.ClassLabel(names=["a", "b"])))
+    with pytest.raises(ValueError, match="row 1 has label -1"):
+        D.dataset_labels(missing)
+    single = _labelled_dataset(fine=([0, 0, 0, 0], datasets.ClassLabel(names=["a"])))
+    with pytest.raises(ValueError, match="at least 2"):
+        D.dataset_labels(single)
+    with pytest.raises(ValueError, match="return_labels=True needs class labels"):
+        prepared = D.scan_images(single, "image", 8)
+        D.ImageTrainingDataset(single, "image", prepared, 8, return_labels=True)

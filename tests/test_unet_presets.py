@@ -164,3 +164,33 @@ def test_preset_table_lists_every_preset():
     for name in PRESETS:
         assert f"`{name}`" in table
     assert f"{parameter_count('ddpm-cifar10'):,}" in table
+
+
+def test_num_classes_adds_the_null_class_embedding():
+    config = unet_config("digits", num_classes=10)
+    assert config["num_class_embeds"] == 11 and config.get("class_embed_type") is None
+    model = build_unet("tiny", num_classes=3)
+    emb = model.class_embedding
+    assert isinstance(emb, torch.nn.Embedding) and emb.num_embeddings == 4
+    assert emb.embedding_dim == model.time_embedding.linear_2.out_features  # added to the time embedding
+    extra = parameter_count("tiny", num_classes=3) - parameter_count("tiny")
+    assert extra == 4 * emb.embedding_dim
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a = model(x, 5, class_labels=torch.tensor([0, 1])).sample
+        b = model(x, 5, class_labels=torch.tensor([3, 3])).sample
+    assert a.shape == (2, 3, 8, 8) and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    "overrides,word",
+    [
+        (dict(num_classes=1), "num_classes must be an int >= 2"),
+        (dict(num_classes=2.0), "num_classes must be an int >= 2"),
+        (dict(num_classes=True), "num_classes must be an int >= 2"),
+        (dict(num_classes=3, num_class_embeds=4), "not both"),
+    ],
+)
+def test_bad_num_classes(overrides, word):
+    with pytest.raises(ValueError, match=word):
+        unet_config("tiny", **overrides)

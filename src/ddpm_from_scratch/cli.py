@@ -286,6 +286,12 @@ def add_sample_parser(sub) -> None:
     sp.add_argument("--out_dir", default=None,
                     help="folder to write one PNG per image into (0000.png, 0001.png, ... at the model's resolution; "
                          "same-named files are replaced)")
+    sp.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
+                    help="class-conditional models: the classes to sample, as class names (model_index.json's "
+                         "class_names) or indices; one row of the grid per label, --num_images a multiple of their count")
+    sp.add_argument("--guidance_scale", type=float, default=None,
+                    help="classifier-free guidance scale s >= 0 (with --class_labels): 0 unconditional, 1 conditional "
+                         "(default), > 1 more typical of the class")
     sp.set_defaults(run=sample)
 
 
@@ -318,6 +324,41 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 # Subcommands
 # ----------------------------------------------------------------------------------------------
+
+
+def model_class_names(model: str, revision: str | None = None) -> list[str] | None:
+    """The class names a saved pipeline (folder or Hub repo id, as --model) records in model_index.json (None when
+    it has none). Call after load_model: for a repo id the file is then in the local Hub cache."""
+    path = os.path.join(model, "model_index.json")
+    if resolve_model(model, revision) == "repo":
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "model_index.json", revision=revision)
+    if not os.path.isfile(path):
+        return None
+    from .guidance import check_class_names
+
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f).get("class_names")
+    return None if stored is None else check_class_names(stored, len(stored))
+
+
+def cli_class_labels(tokens: list[str], class_names: list[str] | None, num_images: int) -> list:
+    """--class_labels tokens -> one label per image (a class name when it is one, else an int index), each label
+    repeated over one grid row of num_images / len(tokens) images (num_images a multiple of len(tokens), checked
+    by sample before loading)."""
+    labels = []
+    for token in tokens:
+        if class_names and token in class_names:
+            labels.append(token)
+        else:
+            try:
+                labels.append(int(token))
+            except ValueError:
+                labels.append(token)  # an unknown name: guidance.resolve_class_labels names it in its error
+    return [label for label in labels for _ in range(num_images // len(tokens))]
+
+
 def evaluate(args) -> dict:
     from .fileio import atomic_write_json
     from .metrics import digits_report
@@ -372,6 +413,11 @@ def sample(args) -> list[str]:
 
     if args.out is None and args.out_dir is None:
         raise CLIError("give --out (one grid image) and/or --out_dir (a folder for one PNG per image)")
+    if args.guidance_scale is not None and args.class_labels is None:
+        raise CLIError("--guidance_scale needs --class_labels")
+    if args.class_labels is not None and args.num_images % len(args.class_labels):
+        raise CLIError(f"--num_images {args.num_images} must be a multiple of the {len(args.class_labels)} "
+                       "--class_labels (one grid row per label)")
     if args.scale is not None and args.out is None:
         raise CLIError("--scale enlarges the --out grid; add --out (the --out_dir images keep the model's resolution)")
     if args.out is not None:
@@ -380,12 +426,16 @@ def sample(args) -> list[str]:
         check_output_dir(args.out_dir, "--out_dir")
     unet, scheduler = load_model(args.model, args.device, args.revision, not args.no_progress)
     check_variance_available(args.variance_type, scheduler, args.model)
+    names = model_class_names(args.model, args.revision)
+    labels = None if args.class_labels is None else cli_class_labels(args.class_labels, names, args.num_images)
     gen = torch.Generator().manual_seed(args.seed)
     samples = likelihood.sample_images(unet, scheduler, args.num_images, args.steps, variance_type=args.variance_type,
-                                       batch_size=args.batch_size, generator=gen, progress=not args.no_progress)
+                                       batch_size=args.batch_size, generator=gen, progress=not args.no_progress,
+                                       class_labels=labels, guidance_scale=args.guidance_scale, class_names=names)
+    nrow = None if labels is None else args.num_images // len(args.class_labels)
     written = []
     if args.out is not None:
-        grid = img.image_grid(samples, scale=args.scale)
+        grid = img.image_grid(samples, nrow=nrow, scale=args.scale)
         from .fileio import atomic_save_image
 
         written.append(atomic_save_image(grid, args.out))

@@ -149,6 +149,61 @@ def find_image_column(ds) -> str:
     raise ValueError(f"the dataset has no image column (columns: {ds.column_names})")
 
 
+def find_label_column(ds, label_column: str | None = None) -> str | None:
+    """Name of the class-label column: ``label_column`` when given (ValueError if the dataset lacks it), else the
+    one ``ClassLabel`` column when there is exactly one, else None (none, or several: pass ``label_column``)."""
+    import datasets
+
+    if label_column is not None:
+        if label_column not in ds.column_names:
+            raise ValueError(f"label_column {label_column!r} is not a column of the dataset "
+                             f"(columns: {ds.column_names})")
+        return label_column
+    found = [name for name, feature in ds.features.items() if isinstance(feature, datasets.ClassLabel)]
+    return found[0] if len(found) == 1 else None
+
+
+def class_labels_of(ds, column: str) -> tuple[np.ndarray, list[str]]:
+    """(labels int64 (N,) in 0..K-1, the K class names) of ``column``: a ``ClassLabel`` keeps its names; a column
+    of strings or ints is encoded first (``datasets.Dataset.class_encode_column``: sorted distinct values).
+    ValueError for another type, a missing label (-1 / None) or fewer than 2 classes."""
+    import datasets
+
+    feature = ds.features[column]
+    if not isinstance(feature, datasets.ClassLabel):
+        if not (isinstance(feature, datasets.Value) and (feature.dtype == "string" or "int" in feature.dtype)):
+            raise ValueError(f"label_column {column!r} holds {feature}, not class labels "
+                             "(a ClassLabel, string or integer column)")
+        if any(v is None for v in ds[column]):
+            raise ValueError(f"label_column {column!r} has missing labels")
+        ds = ds.class_encode_column(column)
+        feature = ds.features[column]
+    labels = np.asarray(ds[column], dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= feature.num_classes))
+    if bad.size:
+        raise ValueError(f"label_column {column!r}: row {int(bad[0])} has label {int(labels[bad[0]])}, outside "
+                         f"0..{feature.num_classes - 1} ({bad.size} such rows)")
+    if feature.num_classes < 2:
+        raise ValueError(f"label_column {column!r} has {feature.num_classes} class; a class-conditional model "
+                         "needs at least 2")
+    return labels, [str(n) for n in feature.names]
+
+
+def dataset_labels(ds, label_column: str | None = None, source: str = "the dataset") -> tuple[np.ndarray, list[str]]:
+    """(labels int64 (N,), class names) for class-conditional training; ValueError naming ``label_column`` when
+    the dataset has no usable label column (an image folder needs one subfolder per class)."""
+    import datasets
+
+    column = find_label_column(ds, label_column)
+    if column is None:
+        candidates = [n for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+        if candidates:
+            raise ValueError(f"{source} has several ClassLabel columns {candidates}; choose one with --label_column")
+        raise ValueError(f"{source} has no class labels: pass --label_column naming its label column (columns: "
+                         f"{ds.column_names}); an image folder needs one subfolder per class (at least 2)")
+    return class_labels_of(ds, column)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Transforms (PIL + numpy)
 # ----------------------------------------------------------------------------------------------------------
@@ -243,6 +298,14 @@ class PreparedImages:
     channels: int
     skipped: list[str] = field(default_factory=list)
     cache: list[np.ndarray] | None = None
+    labels: np.ndarray | None = None  # int64 (len(indices),) class of each kept image, for conditional training
+    class_names: list[str] | None = None
+
+    def with_labels(self, all_labels: np.ndarray, class_names: list[str]) -> "PreparedImages":
+        """A copy carrying the labels of the kept images: ``all_labels`` (N,) is indexed by dataset row."""
+        from dataclasses import replace
+
+        return replace(self, labels=np.asarray(all_labels, dtype=np.int64)[self.indices], class_names=list(class_names))
 
 
 def scan_images(ds, image_column: str, resolution: int, channels: str | int = "auto", on_bad_image: str = "error",
@@ -302,12 +365,23 @@ def _fix_channels(arr: np.ndarray, channels: int) -> np.ndarray:
 
 class ImageTrainingDataset(torch.utils.data.Dataset):
     """Items are float32 (C, resolution, resolution) in [-1, 1]; keyed by ``(epoch, position)`` so that the random
-    crop and flip of an item are a pure function of ``(seed, epoch, index)`` (exact resume, any process count)."""
+    crop and flip of an item are a pure function of ``(seed, epoch, index)`` (exact resume, any process count).
+
+    With ``return_labels`` (needs ``prepared.labels``) an item is ``(image, label)``, label an int64 0-d tensor, so
+    a batch is ``(images (B, C, H, W), labels (B,))``."""
 
     def __init__(self, ds, image_column: str, prepared: PreparedImages, resolution: int, center_crop: bool = True,
-                 random_flip: bool = False, seed: int = 0):
+                 random_flip: bool = False, seed: int = 0, return_labels: bool = False):
+        if return_labels and prepared.labels is None:
+            raise ValueError("return_labels=True needs class labels (PreparedImages.with_labels)")
         self.ds, self.image_column, self.prepared = ds, image_column, prepared
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.return_labels = return_labels
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the classes (index = label), or None for unlabelled data."""
+        return self.prepared.class_names
 
     def __len__(self) -> int:
         return len(self.prepared.indices)
@@ -319,8 +393,15 @@ class ImageTrainingDataset(torch.utils.data.Dataset):
         img, _ = decode_image(self.ds[self.prepared.indices[position]][self.image_column])
         return np.asarray(resize_shorter_side(to_channels(img, self.prepared.channels), self.resolution))
 
-    def __getitem__(self, key) -> torch.Tensor:
+    def __getitem__(self, key):
         epoch, position = key if isinstance(key, tuple) else (0, key)
+        image = self.image(epoch, position)
+        if self.return_labels:
+            return image, torch.tensor(int(self.prepared.labels[position]), dtype=torch.int64)
+        return image
+
+    def image(self, epoch: int, position: int) -> torch.Tensor:
+        """float32 (C, resolution, resolution) in [-1, 1]: item ``position`` as seen in epoch ``epoch``."""
         arr = self.pixels(position)
         gen = None
         if self.random_flip or not self.center_crop:
@@ -378,10 +459,21 @@ class PositionBatchSampler(torch.utils.data.Sampler):
 def build_training_data(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None,
                         resolution: int = 32, center_crop: bool = True, random_flip: bool = False,
                         image_channels: str | int = "auto", on_bad_image: str = "error", seed: int = 0,
-                        digits_split: str = "train"):
-    """Loads, checks and wraps the training images -> (ImageTrainingDataset, PreparedImages, source name)."""
+                        digits_split: str = "train", class_conditional: bool = False, label_column: str | None = None):
+    """Loads, checks and wraps the training images -> (ImageTrainingDataset, PreparedImages, source name).
+
+    ``class_conditional``: the dataset yields (image, label) and ``prepared.class_names`` names the classes
+    (digits: "0".."9"; an image folder: its subfolders; else the ``label_column``, detected when the dataset has
+    exactly one ClassLabel column). The labels are read before any image is decoded."""
     ds = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, cache_dir, digits_split=digits_split)
+    source = dataset_name or train_data_dir or "sklearn-digits"
+    if label_column is not None and not class_conditional:
+        raise ValueError("label_column is only used with class_conditional=True (--class_conditional)")
+    labels = dataset_labels(ds, label_column, source) if class_conditional else None
     column = find_image_column(ds)
     prepared = scan_images(ds, column, resolution, image_channels, on_bad_image)
-    source = dataset_name or train_data_dir or "sklearn-digits"
-    return ImageTrainingDataset(ds, column, prepared, resolution, center_crop, random_flip, seed), prepared, source
+    if labels is not None:
+        prepared = prepared.with_labels(*labels)
+    dataset = ImageTrainingDataset(ds, column, prepared, resolution, center_crop, random_flip, seed,
+                                   return_labels=class_conditional)
+    return dataset, prepared, source

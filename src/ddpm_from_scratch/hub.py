@@ -119,6 +119,8 @@ def model_card_text(
     license: str = "apache-2.0",
     token: str | None = None,
     report_figure: str | None = None,
+    class_names: Iterable[str] | None = None,
+    guidance_scale: float | None = None,
 ) -> str:
     """The README.md text of a ScratchDDPMPipeline repository.
 
@@ -129,6 +131,8 @@ def model_card_text(
     card. ``report_figure``: the training report's main figure, relative to the card (``report/overview.png``;
     the page ``report.md`` beside it is linked). ``num_inference_steps``: used in the snippet (the pipeline default when None). Any known
     token (``token``, HF_TOKEN, the saved login) or Hub-token-shaped string is redacted.
+    ``class_names``: a class-conditional model's classes (index = label); the card then says so, lists them,
+    samples a class in the snippet (with ``guidance_scale``) and reads the sample grid as one row per class.
     """
     from huggingface_hub import ModelCardData
 
@@ -139,7 +143,9 @@ def model_card_text(
     for name, rel in (("sample_grid", sample_grid), ("report_figure", report_figure)):
         if rel is not None and (os.path.isabs(rel) or rel.startswith("..")):
             raise ValueError(f"{name} must be a path relative to the card, got {rel!r}")
-    tags = list(dict.fromkeys([*REQUIRED_TAGS, *extra_tags]))
+    class_names = None if class_names is None else [str(c) for c in class_names]
+    conditional_tags = ("class-conditional", "classifier-free-guidance") if class_names else ()
+    tags = list(dict.fromkeys([*REQUIRED_TAGS, *conditional_tags, *extra_tags]))
     data = ModelCardData(
         library_name="diffusers",
         license=license,
@@ -150,6 +156,13 @@ def model_card_text(
     )
     name = repo_id.rstrip("/").split("/")[-1]
     steps = f", num_inference_steps={num_inference_steps}" if num_inference_steps else ""
+    kind = "An unconditional image diffusion model (DDPM, Ho et al. 2020)"
+    call = f"batch_size=4, generator=generator{steps}"
+    if class_names:
+        kind = (f"A class-conditional image diffusion model (DDPM, Ho et al. 2020; {len(class_names)} classes, "
+                "classifier-free guidance)")
+        scale = f", guidance_scale={guidance_scale:g}" if guidance_scale is not None else ""
+        call = f"class_labels=[{json.dumps(class_names[0])}] * 4{scale}, generator=generator{steps}"
     lines = [
         "---",
         data.to_yaml(),
@@ -157,7 +170,7 @@ def model_card_text(
         "",
         f"# {name}",
         "",
-        "An unconditional image diffusion model (DDPM, Ho et al. 2020) trained with "
+        f"{kind} trained with "
         "`ddpm-from-scratch`, a plugin for [diffusers](https://github.com/huggingface/diffusers)"
         + (f" on `{dataset_name}`." if dataset_name else "."),
         "",
@@ -169,15 +182,22 @@ def model_card_text(
         "",
         f"pipe = ScratchDDPMPipeline.from_pretrained({json.dumps(repo_id)})",
         "generator = torch.Generator().manual_seed(0)",
-        f"images = pipe(batch_size=4, generator=generator{steps}).images",
+        f"images = pipe({call}).images",
         'images[0].save("sample.png")',
         "```",
         "",
         "After `import ddpm_from_scratch`, `diffusers.DiffusionPipeline.from_pretrained` loads it too.",
         "",
     ]
+    if class_names:
+        lines += ["## Classes", "",
+                  "`class_labels` takes a class index or name; `guidance_scale` s is classifier-free guidance "
+                  "(0: unconditional, 1: conditional, > 1: more typical of the class).", "",
+                  "| index | name |", "|---|---|"]
+        lines += [f"| {i} | {_cell(n)} |" for i, n in enumerate(class_names)] + [""]
     if sample_grid:
-        lines += ["## Samples", "", f"![samples]({sample_grid.replace(os.sep, '/')})", ""]
+        rows = f"One row per class ({', '.join(class_names)}).\n\n" if class_names else ""
+        lines += ["## Samples", "", f"{rows}![samples]({sample_grid.replace(os.sep, '/')})", ""]
     if report_figure:
         page = posixpath.join(posixpath.dirname(report_figure.replace(os.sep, "/")), "report.md")
         lines += ["## Training report", "", f"![training report]({report_figure.replace(os.sep, '/')})", "",

@@ -174,8 +174,17 @@ def _model_device_dtype(unet, device=None):
 
 
 def call_model(unet, x_t: torch.Tensor, timesteps: torch.Tensor, dtype) -> torch.Tensor:
-    """unet(x_t, t) -> its ``.sample`` (or a plain tensor / tuple), in float64."""
-    out = unet(x_t.to(dtype), timesteps)
+    """unet(x_t, t) -> its ``.sample`` (or a plain tensor / tuple), in float64. A class-conditional UNet is given
+    the null class (guidance.py): the bound is that of its unconditional model."""
+    from . import guidance
+
+    config = getattr(unet, "config", None)
+    k = guidance.num_classes_of(config) if config is not None else None
+    if k is None:
+        out = unet(x_t.to(dtype), timesteps)
+    else:
+        null = torch.full((x_t.shape[0],), guidance.null_label(k), dtype=torch.int64, device=x_t.device)
+        out = unet(x_t.to(dtype), timesteps, class_labels=null)
     if hasattr(out, "sample"):
         out = out.sample
     elif isinstance(out, (tuple, list)):
@@ -363,21 +372,32 @@ def sampling_scheduler(scheduler, variance_type=None, analytic_gamma=None):
 @torch.no_grad()
 def sample_images(unet, scheduler, num_images: int, num_inference_steps: int | None = None, *, variance_type=None,
                   analytic_gamma=None, batch_size: int = 64, generator: torch.Generator | None = None,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, class_labels=None, guidance_scale: float | None = None,
+                  class_names: list[str] | None = None) -> torch.Tensor:
     """Draw num_images (N, C, H, W) float32 samples in [-1, 1] (Algorithm 2) with the reverse variance of
     ``variance_type`` (incl. 'analytic'): ScratchDDPMPipeline in batches of ``batch_size`` on the UNet's device,
-    noise from ``generator`` (the initial x_T, then one z per step except the last)."""
+    noise from ``generator`` (the initial x_T, then one z per step except the last).
+    class_labels / guidance_scale / class_names: as ScratchDDPMPipeline.__call__ (one label or num_images of them)."""
+    from . import guidance
     from .pipeline_ddpm import ScratchDDPMPipeline
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     sched = sampling_scheduler(scheduler, variance_type, analytic_gamma)
-    pipe = ScratchDDPMPipeline(unet=unet, scheduler=sched)
+    pipe = ScratchDDPMPipeline(unet=unet, scheduler=sched, class_names=class_names)
     pipe.set_progress_bar_config(disable=not progress)
     steps = num_inference_steps or int(sched.config.num_train_timesteps)
+    if class_labels is not None:  # checked whole before any sampling; then sliced per batch
+        k = guidance.num_classes_of(unet.config)
+        if k is None:
+            raise ValueError("class_labels needs a class-conditional UNet; this one is unconditional "
+                             "(unet.config.num_class_embeds is None)")
+        class_labels = guidance.resolve_class_labels(class_labels, num_images, k, pipe.class_names)
     results = []
     for start in range(0, num_images, batch_size):
         b = min(batch_size, num_images - start)
-        images = pipe(batch_size=b, generator=generator, num_inference_steps=steps, output_type="pt").images
+        labels = None if class_labels is None else class_labels[start:start + b]
+        images = pipe(batch_size=b, generator=generator, num_inference_steps=steps, output_type="pt",
+                      class_labels=labels, guidance_scale=guidance_scale).images
         results.append(images.float().cpu() * 2.0 - 1.0)
     return torch.cat(results)

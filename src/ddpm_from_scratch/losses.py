@@ -116,7 +116,7 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None, generator=None,
                   timestep_sampler: ImportanceTimestepSampler | None = None,
                   timestep_weights: torch.Tensor | None = None,
-                  vlb_weight: float = HYBRID_VLB_WEIGHT) -> dict:
+                  vlb_weight: float = HYBRID_VLB_WEIGHT, class_labels: torch.Tensor | None = None) -> dict:
     """One DDPM training objective on a batch x_start (B, C, H, W) in [-1, 1] (Algorithm 1).
 
     Draws t ~ U{0..T-1} (or from ``timestep_sampler``) and eps ~ N(0, I) unless given, forms x_t by the forward
@@ -134,6 +134,8 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
     updated with the vlb terms (the simple MSE for loss_type "simple").
     timestep_weights: (B,) importance weights 1 / (T p_t) of timesteps drawn elsewhere (e.g. by a sampler shared
     across processes, see trainer.steps.step_noise); multiplies per_sample.
+    class_labels: (B,) int64 labels of a class-conditional model (guidance.py; the null class included), passed
+    as ``model(x_t, t, class_labels=...)``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {loss_type!r}")
@@ -153,7 +155,10 @@ def training_loss(model, scheduler, x_start: torch.Tensor, *, loss_type: str = "
     if noise is None:
         noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
     x_t = scheduler.add_noise(x_start, noise, timesteps)  # Eq. 4, from the scheduler's cached device table
-    model_output = model(x_t, timesteps).sample
+    if class_labels is None:
+        model_output = model(x_t, timesteps).sample
+    else:
+        model_output = model(x_t, timesteps, class_labels=class_labels).sample
     channels = x_start.shape[1]
     prediction = model_output[:, :channels] if model_output.shape[1] == 2 * channels else model_output
     target = simple_target(cfg.prediction_type, scheduler, x_start, noise, timesteps)

@@ -1,4 +1,5 @@
-"""ScratchDDPMPipeline: unconditional DDPM sampling (Ho et al. 2020, Algorithm 2) as a diffusers pipeline.
+"""ScratchDDPMPipeline: DDPM sampling (Ho et al. 2020, Algorithm 2) as a diffusers pipeline, unconditional or
+class-conditional with classifier-free guidance (guidance.py).
 
 The loop is the UNet and ``scheduler.step`` and nothing else; everything that can be checked is checked
 before the first step (arguments, the UNet's dtype on its device, a given x_T). The result is checked once,
@@ -36,7 +37,7 @@ from packaging import version as _version
 from PIL import Image
 
 from . import diffusion_math as dm
-from . import scheduling_ddpm
+from . import guidance, scheduling_ddpm
 
 logger = logging.get_logger(__name__)
 
@@ -235,18 +236,31 @@ def is_our_pipeline_folder(folder: str) -> bool:
 # The pipeline
 # ----------------------------------------------------------------------------------------------
 class ScratchDDPMPipeline(DiffusionPipeline):
-    """Unconditional image generation with DDPM ancestral sampling.
+    """Image generation with DDPM ancestral sampling, unconditional or class-conditional with classifier-free
+    guidance.
 
     Components: ``unet`` (a ``UNet2DModel``: (B, C, H, W) x_t and t -> (B, C or 2C, H, W)) and ``scheduler``
-    (``ScratchDDPMScheduler`` or any scheduler with the DDPMScheduler API).
+    (``ScratchDDPMScheduler`` or any scheduler with the DDPMScheduler API). ``class_names`` (a conditional UNet
+    only, one per class) is stored in ``model_index.json`` (as {"0": name, ...}), so labels can be given by name
+    after loading; ``pipe.class_names`` is the list.
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin,
+                 class_names: Sequence[str] | dict[str, str] | None = None):
         super().__init__()
+        if unet is not None:
+            class_names = guidance.check_class_names(class_names, guidance.num_classes_of(unet.config))
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=guidance.class_names_to_config(class_names))
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names (index = label) of a conditional model, or None."""
+        stored = self.config.get("class_names")
+        return None if stored is None else [stored[str(i)] for i in range(len(stored))]
 
     # -- generation -------------------------------------------------------------------------------
     def check_inputs(self, batch_size, generator, num_inference_steps, output_type, latents,
@@ -301,7 +315,7 @@ class ScratchDDPMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 1000,
         output_type: str = "pil",
@@ -309,9 +323,17 @@ class ScratchDDPMPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         latents: torch.Tensor | None = None,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate ``batch_size`` images by ancestral sampling x_T -> x_0 (DDPM Algorithm 2).
 
+        batch_size: default len(class_labels) for a list of labels, else 1.
+        class_labels (conditional UNet): one class for all images or one per image, as indices or names from
+        ``pipe.class_names``; None samples unconditionally (the null class). guidance_scale s (default 1):
+        classifier-free guidance out_u + s (out_c - out_u) in the model's output space (guidance.py), the
+        conditional and null halves in one batched forward; s = 1 is conditional, s = 0 unconditional, and those
+        two need only one half.
         generator: one generator, or a list of ``batch_size`` generators (image i depends only on generator i).
         latents: optional x_T, shape (batch_size, C, H, W). output_type: "pil" (grayscale 'L' for one channel),
         "np" (B, H, W, C) float32 in [0, 1], or "pt" (B, C, H, W) float32 in [0, 1].
@@ -323,8 +345,11 @@ class ScratchDDPMPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        batch_size = guidance.infer_batch_size(batch_size, class_labels)
         self.check_inputs(batch_size, generator, num_inference_steps, output_type, latents,
                           callback_on_step_end, callback_on_step_end_tensor_inputs)
+        labels, guidance_scale = guidance.sampling_labels(self.unet.config, class_labels, guidance_scale, batch_size,
+                                                          self.class_names)
         device = self._execution_device
         shape = _image_shape(self.unet.config, batch_size)
         latents = self.prepare_latents(shape, self.unet.dtype, device, generator, latents)
@@ -332,11 +357,13 @@ class ScratchDDPMPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
-        unet, step = self.unet, self.scheduler.step
+        step = self.scheduler.step
+        denoise = guidance.guided_denoiser(self.unet, None if labels is None else labels.to(device), guidance_scale,
+                                           guidance.num_classes_of(self.unet.config))
 
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                model_output = unet(latents, t, return_dict=False)[0]
+                model_output = denoise(latents, t)
                 latents = step(model_output, t, latents, generator=generator, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {k: latents for k in callback_on_step_end_tensor_inputs}

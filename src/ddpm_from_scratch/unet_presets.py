@@ -88,7 +88,7 @@ _PAPER_STYLE = {
 }
 
 _SPEC_KEYS = tuple(f.name for f in fields(UNetPreset) if f.name != "description")
-_EXTRA_KEYS = ("out_channels", "variance_type")
+_EXTRA_KEYS = ("out_channels", "variance_type", "num_classes")
 # Derived from the spec; overriding them directly would desynchronise block types and channel lists.
 _DERIVED_KEYS = ("block_out_channels", "down_block_types", "up_block_types")
 _UNET_KEYS = tuple(k for k in inspect.signature(UNet2DModel.__init__).parameters if k != "self")
@@ -138,6 +138,18 @@ def _out_channels(in_channels: int, out_channels, variance_type) -> int:
     return int(out_channels)
 
 
+def _class_embeds(num_classes, raw_num_class_embeds) -> int | None:
+    """``num_class_embeds`` for ``num_classes`` classes: one embedding per class plus the "null" class of
+    classifier-free guidance (index ``num_classes``; see guidance.py). None for an unconditional UNet."""
+    if num_classes is None:
+        return raw_num_class_embeds
+    if raw_num_class_embeds is not None:
+        raise ValueError("give num_classes (classes; the null class is added) or num_class_embeds, not both")
+    if not _is_pos_int(num_classes) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (or None for an unconditional UNet), got {num_classes!r}")
+    return num_classes + 1
+
+
 def _is_pos_int(value) -> bool:
     """True for an int >= 1 (bools excluded)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -183,13 +195,15 @@ def unet_config(preset, **overrides) -> dict:
     ``channel_mult``, ``layers_per_block``, ``attention_resolutions``, ``dropout``, ``in_channels``,
     ``norm_num_groups``; a new ``sample_size`` scales the preset's attention resolutions with it unless
     ``attention_resolutions`` is given too), ``out_channels``, ``variance_type`` (``"learned"``/``"learned_range"`` double
-    ``out_channels``) or any other non-derived UNet2DModel argument (e.g. ``norm_eps``).
+    ``out_channels``), ``num_classes`` (a class-conditional UNet: ``num_class_embeds = num_classes + 1``, the last
+    embedding being guidance's null class) or any other non-derived UNet2DModel argument (e.g. ``norm_eps``).
     """
     spec = _get_preset(preset)
     _check_overrides(overrides)
     overrides = dict(overrides)
     out_channels = overrides.pop("out_channels", None)
     variance_type = overrides.pop("variance_type", None)
+    num_class_embeds = _class_embeds(overrides.pop("num_classes", None), overrides.pop("num_class_embeds", None))
     spec_over = {k: overrides.pop(k) for k in list(overrides) if k in _SPEC_KEYS}
     if "channel_mult" in spec_over:
         spec_over["channel_mult"] = tuple(spec_over["channel_mult"])
@@ -214,6 +228,8 @@ def unet_config(preset, **overrides) -> dict:
         dropout=float(spec.dropout),
         norm_num_groups=spec.norm_num_groups,
     )
+    if num_class_embeds is not None:
+        config["num_class_embeds"] = num_class_embeds
     config.update(overrides)  # remaining raw UNet2DModel arguments
     return config
 

@@ -30,7 +30,7 @@ RNG_FILE = "random_states_{}.pkl"
 MUST_MATCH = ("unet_preset", "model_config_name_or_path", "resolution", "image_channels", "ddpm_num_steps",
               "ddpm_beta_schedule", "prediction_type", "variance_type", "use_ema", "seed", "global_batch",
               "gradient_accumulation_steps", "dataset_name", "dataset_config_name", "train_data_dir",
-              "digits_split", "importance_sampling")
+              "digits_split", "importance_sampling", "class_conditional", "class_dropout_prob", "label_column")
 
 
 class CheckpointError(ValueError):

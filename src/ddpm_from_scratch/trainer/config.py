@@ -119,6 +119,15 @@ class TrainConfig:
     digits_split: str = _f("train", "Built-in digits only: 'train' = 1438 of the 1797 digits, holding out the 359 "
                                     "that `ddpm-from-scratch evaluate` and the FDD score; 'all' = every digit.",
                            choices=list(DIGITS_SPLIT_CHOICES))
+    class_conditional: bool = _f(False, "Train a class-conditional model with classifier-free guidance: labels from "
+                                        "the digits, the --train_data_dir subfolders or a dataset's ClassLabel "
+                                        "column (--label_column).")
+    class_dropout_prob: float = _f(0.1, "With --class_conditional: probability that a label is replaced by the null "
+                                        "class, which trains the unconditional model guidance needs (0 < p < 1).")
+    label_column: str | None = _f(None, "With --class_conditional: the dataset's label column (default: its only "
+                                        "ClassLabel column).")
+    eval_guidance_scale: float = _f(2.0, "With --class_conditional: guidance scale of the sample grids (one row per "
+                                         "class).")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process).")
     preserve_input_precision: bool = _f(False, "diffusers' flag to keep 16/32-bit images; refused here: images are "
                                                "decoded to 8 bits per channel.")
@@ -327,6 +336,9 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             finite(name, low=0, high=1, high_open=True, text="in [0, 1)")
         finite("adam_weight_decay", low=0, text="a finite number >= 0")
+        finite("class_dropout_prob", low=0, high=1, low_open=True, high_open=True,
+               text="in (0, 1) (0 never trains the null class guidance needs)")
+        finite("eval_guidance_scale", low=0, text="a finite number >= 0")
         finite("adam_epsilon", low=0, low_open=True, text="a finite number > 0")
         finite("ema_inv_gamma", low=0, low_open=True, text="a finite number > 0")
         finite("ema_power", low=0, low_open=True, text="a finite number > 0")
@@ -364,6 +376,8 @@ class TrainConfig:
         if c.dataset_name and c.train_data_dir:
             out.append("give either --dataset_name or --train_data_dir, not both")
         out.extend(_eval_problems(c, is_int))
+        if c.label_column is not None and not c.class_conditional:
+            out.append("--label_column is only used with --class_conditional")
         if c.eval_at_end and not c.uses_builtin_digits:
             out.append("--eval_at_end scores held-out built-in digits: use it without --dataset_name/--train_data_dir")
         if c.unet_preset is not None and c.model_config_name_or_path is not None:

@@ -161,10 +161,11 @@ def staged_export(output_dir: str):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def save_pipeline(unet, scheduler, folder: str):
-    """``ScratchDDPMPipeline(unet, scheduler).save_pretrained(folder)`` (safetensors); returns the pipeline."""
+def save_pipeline(unet, scheduler, folder: str, class_names=None):
+    """``ScratchDDPMPipeline(unet, scheduler, class_names).save_pretrained(folder)`` (safetensors); returns the
+    pipeline."""
     from ..pipeline_ddpm import ScratchDDPMPipeline
 
-    pipe = ScratchDDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe = ScratchDDPMPipeline(unet=unet, scheduler=scheduler, class_names=class_names)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe

@@ -62,9 +62,9 @@ def load_model_config(name_or_path: str, cache_dir: str | None = None) -> dict:
     return config
 
 
-def build_model(config, channels: int, resolution: int, logger=None):
+def build_model(config, channels: int, resolution: int, logger=None, num_classes: int | None = None):
     """The UNet2DModel for a resolved TrainConfig, for ``channels``-channel images of ``resolution`` px.
-    A learned variance doubles the output channels."""
+    A learned variance doubles the output channels; ``num_classes`` adds the class embedding (+ the null class)."""
     from diffusers import UNet2DModel
 
     from ..diffusion_math import LEARNED_VARIANCE_TYPES
@@ -82,11 +82,14 @@ def build_model(config, channels: int, resolution: int, logger=None):
         if spec.get("sample_size") != resolution and logger is not None:
             logger.info("model config sample_size %s -> %d (--resolution)", spec.get("sample_size"), resolution)
         spec["sample_size"] = resolution
+        if num_classes is not None:
+            spec.update(num_class_embeds=num_classes + 1, class_embed_type=None)
         return UNet2DModel.from_config(spec)
     if config.unet_preset == DIFFUSERS_EXAMPLE:
-        return UNet2DModel(**diffusers_example_config(resolution, channels, out_channels))
+        extra = {} if num_classes is None else {"num_class_embeds": num_classes + 1}
+        return UNet2DModel(**diffusers_example_config(resolution, channels, out_channels), **extra)
     return build_unet(config.unet_preset, sample_size=resolution, in_channels=channels,
-                      variance_type=config.variance_type)
+                      variance_type=config.variance_type, num_classes=num_classes)
 
 
 def default_resolution(config) -> int:

@@ -44,12 +44,14 @@ def update_timestep_sampler(accelerator, sampler, timesteps: torch.Tensor, losse
 
 def train_micro_step(accelerator, unet, optimizer, noise_scheduler, x_start, timesteps, noise, *,
                      loss_type: str = "simple", snr_gamma: float | None = None, max_grad_norm: float | None = 0.0,
-                     timestep_weights=None, timestep_sampler=None, skip_non_finite: bool = False):
+                     timestep_weights=None, timestep_sampler=None, skip_non_finite: bool = False,
+                     class_labels=None):
     """One micro-batch of Algorithm 1 under Accelerate: loss (losses.training_loss), backward, and on the last
     micro-batch of an accumulation the gradient clip and optimizer step. x_start (B, C, H, W) in [-1, 1].
     With a timestep_sampler its loss history gets this micro-batch's bound terms from every process.
     With ``skip_non_finite`` a non-finite gradient norm (the same on every process: gradients are all-reduced)
     skips the optimizer step (one host sync per step).
+    class_labels: (B,) labels of a class-conditional UNet (after guidance.drop_labels).
     Returns (detached loss, total gradient norm before clipping or None when no optimizer step happened,
     True when the optimizer step was skipped as non-finite)."""
     from ..losses import training_loss
@@ -58,7 +60,8 @@ def train_micro_step(accelerator, unet, optimizer, noise_scheduler, x_start, tim
     with accelerator.accumulate(unet):
         with accelerator.autocast():
             out = training_loss(unet, noise_scheduler, x_start, loss_type=loss_type, snr_gamma=snr_gamma,
-                                timesteps=timesteps, noise=noise, timestep_weights=timestep_weights)
+                                timesteps=timesteps, noise=noise, timestep_weights=timestep_weights,
+                                class_labels=class_labels)
             loss = out["loss"]
         accelerator.backward(loss)
         grad_norm = None

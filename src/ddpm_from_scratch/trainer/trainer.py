@@ -156,7 +156,8 @@ class Trainer:
         channels = c.image_channels if c.image_channels != "auto" or fixed is None else str(fixed)
         dataset, prepared, source = build_training_data(
             c.dataset_name, c.dataset_config_name, c.train_data_dir, c.cache_dir, resolution, c.center_crop,
-            c.random_flip, channels, c.on_bad_image, c.seed, digits_split=c.digits_split)
+            c.random_flip, channels, c.on_bad_image, c.seed, digits_split=c.digits_split,
+            class_conditional=c.class_conditional, label_column=c.label_column)
         world, per_proc = acc.num_processes, c.train_batch_size
         global_batch = per_proc * world
         if len(dataset) < global_batch:
@@ -172,6 +173,7 @@ class Trainer:
         else:
             max_steps = c.num_epochs * steps_per_epoch
         self.dataset, self.prepared, self.source = dataset, prepared, source
+        self.class_names = prepared.class_names  # None unless class_conditional
         self.resolution, self.global_batch, self.steps_per_epoch, self.max_steps = (
             resolution, global_batch, steps_per_epoch, max_steps)
         self.sample_shape = (prepared.channels, resolution, resolution)
@@ -189,7 +191,8 @@ class Trainer:
 
         c, acc = self.config, self.accelerator
         set_seed(c.seed)  # model init and dropout use the global RNGs; load_state restores them on resume
-        unet = build_model(c, self.prepared.channels, self.resolution, logger=logger)
+        unet = build_model(c, self.prepared.channels, self.resolution, logger=logger,
+                           num_classes=len(self.class_names) if self.class_names else None)
         if c.enable_xformers_memory_efficient_attention:
             unet.enable_xformers_memory_efficient_attention()
         self.noise_scheduler = ScratchDDPMScheduler(num_train_timesteps=c.ddpm_num_steps,
@@ -259,14 +262,19 @@ class Trainer:
         """samples/step_<step>.png from ``model`` (default: the EMA, or raw, weights); returns its path (main
         process only)."""
         from .ema import ema_model_copy
-        from .sampling import generate_samples, save_sample_grid
+        from .sampling import class_grid_labels, generate_samples, save_sample_grid
 
         c = self.config
         if model is None:
             model = ema_model_copy(self.accelerator.unwrap_model(self.unet), self.ema)
-        images = generate_samples(model, self.noise_scheduler, c.eval_batch_size, c.ddpm_num_inference_steps,
-                                  seed=c.seed, device=self.accelerator.device)
-        return save_sample_grid(images, os.path.join(c.output_dir, "samples", f"step_{step}.png"))
+        labels, nrow, scale = None, None, None
+        if self.class_names:  # one row per class
+            labels, nrow = class_grid_labels(len(self.class_names), c.eval_batch_size)
+            scale = c.eval_guidance_scale
+        images = generate_samples(model, self.noise_scheduler, len(labels) if labels else c.eval_batch_size,
+                                  c.ddpm_num_inference_steps, seed=c.seed, device=self.accelerator.device,
+                                  class_labels=labels, guidance_scale=scale)
+        return save_sample_grid(images, os.path.join(c.output_dir, "samples", f"step_{step}.png"), nrow=nrow)
 
     def _check_finite(self, losses, grad_norms, steps) -> None:
         """NonFiniteError naming the first optimizer step whose (process-mean) loss or gradient norm is not finite."""
@@ -288,6 +296,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         from ..data import PositionBatchSampler
+        from ..guidance import drop_labels
         from .steps import step_noise, train_micro_step
 
         c, acc = self.config, self.accelerator
@@ -314,12 +323,17 @@ class Trainer:
             while self.global_step < self.max_steps:
                 batch = as_batch(next(data_iter))
                 x0 = batch["pixel_values"].to(acc.device, non_blocking=True)
+                labels = None
+                if self.class_names:  # null class with probability p, keyed to (seed, micro-batch) like the noise
+                    labels = drop_labels(batch["labels"].to(acc.device), c.class_dropout_prob, len(self.class_names),
+                                         c.seed, micro, self.global_batch, rank)
                 t, eps, w = step_noise(c.seed, micro, self.global_batch, self.sample_shape, c.ddpm_num_steps, rank,
                                        per_proc, device=acc.device, dtype=x0.dtype, timestep_sampler=self.timestep_sampler)
                 loss, grad_norm, skipped = train_micro_step(
                     acc, self.unet, self.optimizer, self.noise_scheduler, x0, t, eps, loss_type=c.loss,
                     snr_gamma=c.snr_gamma, max_grad_norm=c.max_grad_norm, timestep_weights=w,
-                    timestep_sampler=self.timestep_sampler, skip_non_finite=skip_mode)
+                    timestep_sampler=self.timestep_sampler, skip_non_finite=skip_mode,
+                    class_labels=labels)
                 micro += 1
                 accum_loss = accum_loss + loss.detach().float() / c.gradient_accumulation_steps
                 if not acc.sync_gradients:
@@ -420,7 +434,7 @@ class Trainer:
                 model, exported = weights_to_export(self, model)  # --export best|last
             grid = self.save_samples(self.global_step, model)
             with staged_export(c.output_dir) as stage:
-                pipe = save_pipeline(model, self.noise_scheduler, stage)
+                pipe = save_pipeline(model, self.noise_scheduler, stage, class_names=self.class_names)
                 shutil.copyfile(grid, os.path.join(stage, "samples.png"))  # beside README.md, for the card
                 card_metrics = {"loss": final_loss}
                 if final and c.eval_at_end:
@@ -443,8 +457,11 @@ class Trainer:
                              "channels": self.prepared.channels, "training steps": self.global_step,
                              "global batch": self.global_batch * c.gradient_accumulation_steps,
                              "EMA weights": self.ema is not None,
-                             **({"exported weights": exported} if exported else {})},
-                    num_inference_steps=c.ddpm_num_inference_steps, token=c.hub_token, report_figure=report_figure)
+                             **({"exported weights": exported} if exported else {}),
+                             **({"class dropout (null class)": c.class_dropout_prob} if self.class_names else {})},
+                    num_inference_steps=c.ddpm_num_inference_steps, token=c.hub_token, report_figure=report_figure,
+                    class_names=self.class_names,
+                    guidance_scale=c.eval_guidance_scale if self.class_names else None)
         acc.wait_for_everyone()
         return pipe
 
@@ -528,7 +545,7 @@ class Trainer:
                 "num_images": len(self.dataset), "skipped_images": len(self.prepared.skipped),
                 "image_channels": self.prepared.channels, "resolution": self.resolution, "dataset": self.source,
                 "resumed_from": resume, "start_step": self.global_step, "torch_threads": torch.get_num_threads(),
-                "recipe": c.recipe}
+                "recipe": c.recipe, "class_names": self.class_names}
             logger.info("training %s on %s: %d images (%d skipped), %d process(es) [%s], global batch %d, %d steps",
                         c.model_config_name_or_path or c.unet_preset, self.source, len(self.dataset),
                         len(self.prepared.skipped), acc.num_processes, acc.distributed_type,
