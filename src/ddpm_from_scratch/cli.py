@@ -20,6 +20,7 @@ writes in fileio.py.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys

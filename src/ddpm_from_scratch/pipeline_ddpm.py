@@ -371,7 +371,7 @@ class ScratchDDPMPipeline(DiffusionPipeline):
                     latents = outputs.pop("latents", latents)
                 progress.update()
 
-        check_finite_samples(latents, unet, len(timesteps), callback_on_step_end is not None)
+        check_finite_samples(latents, self.unet, len(timesteps), callback_on_step_end is not None)
         images = (latents.float() / 2 + 0.5).clamp(0, 1)  # [-1, 1] -> [0, 1]
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).numpy()
