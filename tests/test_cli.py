@@ -424,13 +424,15 @@ def test_sample_chosen_classes_one_row_each(conditional_dir, tmp_path):
     cli.main(["sample", "--model", folder, "--num_images", "6", "--steps", "3", "--out", str(out), "--device", "cpu",
               "--class_labels", "cow", "0", "--guidance_scale", "2", "--scale", "1", "--no_progress"])
     img = Image.open(out)
-    assert img.size == (3 * 9 + 1, 2 * 9 + 1)  # 2 rows (one per label) of 3
+    pad, tile = 2, 8 + 2  # images.image_grid's default gap; tiles of 8 px
+    assert img.size == (3 * tile + pad, 2 * tile + pad)  # 2 rows (one per label) of 3
     expected = L.sample_images(unet, sched, 6, 3, class_labels=[2, 2, 2, 0, 0, 0], guidance_scale=2.0,
                                generator=torch.Generator().manual_seed(0))
     for i in (0, 4):  # first tile of row 1 (cow), second tile of row 2 (ant)
         r, c = divmod(i, 3)
-        tile = torch.from_numpy(np.asarray(img.crop((1 + 9 * c, 1 + 9 * r, 9 + 9 * c, 9 + 9 * r)), dtype=np.float32))
-        torch.testing.assert_close(tile, ((expected[i, 0].clamp(-1, 1) + 1) * 127.5).round(), atol=1.0, rtol=0)
+        x, y = pad + tile * c, pad + tile * r
+        crop = torch.from_numpy(np.asarray(img.crop((x, y, x + 8, y + 8)), dtype=np.float32))
+        torch.testing.assert_close(crop, ((expected[i, 0].clamp(-1, 1) + 1) * 127.5).round(), atol=1.0, rtol=0)
 
 
 @pytest.mark.parametrize(

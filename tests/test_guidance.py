@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,7 +105,8 @@ def test_guiding_in_output_space_equals_guiding_epsilon(prediction_type):
     out_c, out_u = (torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
 
     def to_eps(out):
-        x0 = dm.x0_from_model_output(prediction_type, out, x_t, abar)
+        row = SimpleNamespace(sqrt_abar=sa, sqrt_one_minus_abar=s1, sqrt_recip_abar=1 / sa)  # one chain step
+        x0 = dm.x0_from_model_output(prediction_type, out, x_t, row)
         return dm.eps_from_x0(x_t, x0, sa, s1)
 
     for s in (0.0, 2.0, 4.0):
