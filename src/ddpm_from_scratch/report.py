@@ -306,12 +306,12 @@ def denoising_trajectory(unet, scheduler, seeds=(0, 1, 2), num_inference_steps: 
             xt = x.detach().double().cpu()
             xs.append(xt.float())
             x0s.append(x0.float())
-            means.append(dm.posterior_mean(x0, xt, tab["coef_x0"][i], tab["coef_xt"][i]).float())
+            means.append(dm.posterior_mean(x0, xt, tab.coef_x0[i], tab.coef_xt[i]).float())
         x = res.prev_sample
     keep_t = torch.tensor(keep)
     return Trajectory(timesteps=timesteps[keep_t].numpy(), x_t=torch.stack(xs, 1), x0_pred=torch.stack(x0s, 1),
-                      mean=torch.stack(means, 1), coef_x0=tab["coef_x0"][keep_t].numpy(),
-                      coef_xt=tab["coef_xt"][keep_t].numpy(), final=x.detach().float().cpu(), seeds=seeds)
+                      mean=torch.stack(means, 1), coef_x0=tab.coef_x0[keep_t].numpy(),
+                      coef_xt=tab.coef_xt[keep_t].numpy(), final=x.detach().float().cpu(), seeds=seeds)
 
 
 def _show(ax, image: torch.Tensor):
