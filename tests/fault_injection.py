@@ -110,6 +110,30 @@ def install(spec: str) -> None:
         raise SystemExit(f"unknown fault point {spec!r}")
 
 
+def kill_at_pause(pause_spec: str, train_flags: list, env: dict, log_path, timeout: float = 300) -> str:
+    """Starts ``fault_injection.py pause_spec train_flags...``, waits until it prints "PAUSED <pause_spec>",
+    SIGKILLs it there (a real kill, nothing flushed) and returns its log (stdout + stderr)."""
+    import signal
+    import subprocess
+
+    with open(log_path, "w") as f:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), pause_spec, *map(str, train_flags)],
+                                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while f"PAUSED {pause_spec}" not in open(log_path).read():
+            assert proc.poll() is None, f"run ended ({proc.returncode}) before {pause_spec}:\n" + \
+                open(log_path).read()[-4000:]
+            assert time.monotonic() < deadline, f"no pause at {pause_spec}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return open(log_path).read()
+
+
 if __name__ == "__main__":
     install(sys.argv[1])
     sys.argv = [SCRIPT, *sys.argv[2:]]

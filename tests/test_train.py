@@ -3,11 +3,9 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "training", "train.py")
 FAULTS = os.path.join(ROOT, "tests", "fault_injection.py")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from fault_injection import kill_at_pause  # noqa: E402
 
 # tiny, fast settings shared by every run: the digits, 12 optimizer steps, a 5-step sampler for the grids
 FAST = ["--train_batch_size", "8", "--ddpm_num_inference_steps", "4", "--eval_batch_size", "4",
@@ -45,22 +44,8 @@ def _train(tmp_path, out, *flags, env=None, launcher=None, check=True, timeout=2
 def _train_until_paused(tmp_path, out, pause, *flags, timeout=240):
     """Starts a run that blocks at ``pause`` (injected by tests/fault_injection.py), SIGKILLs it there, returns
     its log."""
-    log = tmp_path / f"log-{pause.replace(':', '-')}.txt"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, FAULTS, pause, "--output_dir", str(out), *FAST, *flags], cwd=ROOT,
-                                env=_env(tmp_path), stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    try:
-        while f"PAUSED {pause}" not in log.read_text():
-            assert proc.poll() is None, f"run ended ({proc.returncode}) before {pause}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no pause at {pause}"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return log.read_text()
+    return kill_at_pause(pause, ["--output_dir", out, *FAST, *flags], _env(tmp_path),
+                         tmp_path / f"log-{pause.replace(':', '-')}.txt", timeout)
 
 
 def _weights(path):

@@ -5,10 +5,8 @@ Faults are injected from the tests (tests/fault_injection.py), never by producti
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,6 +16,8 @@ from ddpm_from_scratch.trainer import CheckpointError
 from ddpm_from_scratch.trainer import checkpoints as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from fault_injection import kill_at_pause  # noqa: E402
 SCRIPT = os.path.join(ROOT, "training", "train.py")
 FAULTS = os.path.join(ROOT, "tests", "fault_injection.py")
 TINY = ["--unet_preset", "tiny", "--ddpm_num_steps", "20", "--train_batch_size", "8", "--ddpm_num_inference_steps",
@@ -39,22 +39,10 @@ def _run(tmp_path, out, *flags, fault=None, check=True):
 
 
 def _run_until_paused(tmp_path, out, pause, *flags, timeout=300):
-    log = tmp_path / f"log-{pause.replace(':', '-')}.txt"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, FAULTS, pause, "--output_dir", str(out), *TINY, *flags], cwd=ROOT,
-                                env=_env(tmp_path), stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    try:
-        while f"PAUSED {pause}" not in log.read_text():
-            assert proc.poll() is None, f"run ended ({proc.returncode}) before {pause}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no pause at {pause}"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return log.read_text()
+    """Starts a run that blocks at ``pause`` (injected by tests/fault_injection.py), SIGKILLs it there, returns
+    its log."""
+    return kill_at_pause(pause, ["--output_dir", out, *TINY, *flags], _env(tmp_path),
+                         tmp_path / f"log-{pause.replace(':', '-')}.txt", timeout)
 
 
 def _last_error_line(proc):
