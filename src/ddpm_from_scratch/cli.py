@@ -28,6 +28,7 @@ import sys
 import torch
 
 from . import likelihood
+from .report import REPORT_TRAJECTORY_STEPS
 
 PROG = "ddpm-from-scratch"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -300,7 +301,8 @@ def add_report_parser(sub) -> None:
     rp = sub.add_parser("report", help="draw a training output folder as PNG figures gathered in "
                                        "OUTPUT_DIR/report/report.md (loss, metrics, samples, trajectory, bound)")
     rp.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training run's --output_dir")
-    rp.add_argument("--steps", type=_positive_int("--steps"), default=100, help="the trajectory's sampling steps")
+    rp.add_argument("--steps", type=_positive_int("--steps"), default=REPORT_TRAJECTORY_STEPS,
+                    help="the trajectory's sampling steps")
     rp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one trajectory per seed")
     rp.add_argument("--bound_steps", type=_positive_int("--bound_steps"), default=50,
                     help="respaced chain of the per-timestep bound panel")

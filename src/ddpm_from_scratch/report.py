@@ -39,6 +39,7 @@ EVAL_PREFIX = "eval/"
 MAIN_FIGURE = "overview.png"
 PANELS = ("training", "metrics", "samples", "trajectory", "bound")
 _STEP_GRID = re.compile(r"^step_(\d+)\.png$")
+REPORT_TRAJECTORY_STEPS = 100  # the denoising trajectory's default chain
 
 
 def _require_matplotlib():
@@ -488,7 +489,8 @@ def _page(output_dir: str, info: dict, figures: dict, skipped: dict, notes: dict
     return "\n".join(lines)
 
 
-def write_report(output_dir: str, *, num_inference_steps: int | None = 100, seeds=(0, 1, 2), num_points: int = 10,
+def write_report(output_dir: str, *, num_inference_steps: int | None = REPORT_TRAJECTORY_STEPS, seeds=(0, 1, 2),
+                 num_points: int = 10,
                  bound_num_images: int | None = 128, bound_num_inference_steps: int | None = 50,
                  gamma_num_images: int = 256, device=None, panels=None, dest: str | None = None,
                  pipeline=None, run_info: dict | None = None) -> ReportResult:

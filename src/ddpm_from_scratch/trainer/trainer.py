@@ -468,15 +468,17 @@ class Trainer:
     def _write_report(self, stage: str, pipe) -> str | None:
         """The run's report (report.write_report) into ``stage``/report/, swapped in with the pipeline; returns the
         main figure's path relative to the card, or None (with a warning) when it could not be drawn."""
-        from ..report import MAIN_FIGURE, REPORT_DIRNAME, write_report
+        from ..report import MAIN_FIGURE, REPORT_DIRNAME, REPORT_TRAJECTORY_STEPS, write_report
 
         unet = pipe.unet
         was_training = unet.training
         unet.eval()
         try:
+            # the trajectory runs the run's own sampler, capped at the report's default 100 steps
+            steps = min(REPORT_TRAJECTORY_STEPS, self.config.ddpm_num_inference_steps)
             write_report(self.config.output_dir, dest=os.path.join(stage, REPORT_DIRNAME),
                          pipeline=(unet, pipe.scheduler), run_info=self.run_info, device=self.accelerator.device,
-                         bound_num_images=64, gamma_num_images=64)
+                         num_inference_steps=steps, bound_num_images=64, gamma_num_images=64)
         except (ValueError, RuntimeError) as exc:  # the model is fine; only a figure is missing
             logger.warning("the training report was not written (%s); draw it later with `ddpm-from-scratch "
                            "report %s`", exc, self.config.output_dir)
