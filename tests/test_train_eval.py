@@ -61,7 +61,8 @@ def _kill_after_checkpoint(tmp_path, out, step, *flags):
 
 
 def test_metrics_at_the_expected_steps_and_the_same_after_a_kill_and_resume(tmp_path):
-    flags = ["--max_train_steps", "10", "--eval_steps", "4", "--checkpointing_steps", "4"]
+    # in the training process (the background path has its own kill tests below)
+    flags = ["--max_train_steps", "10", "--eval_steps", "4", "--checkpointing_steps", "4", "--eval_async", "false"]
     ref = tmp_path / "ref"
     _train(tmp_path, ref, *flags)
     evals = _evals(ref)
