@@ -10,6 +10,8 @@ Points (the process prints "PAUSED <point>:<arg>" to stderr and sleeps until the
 - ``mid_stage:<n>``: the n-th export, after the new UNet is staged and before the scheduler is.
 Also, without a pause: ``enospc:<step>``: the checkpoint write of <step> fails with OSError(ENOSPC) (a full disk);
 ``nan_at:<micro>``: the loss of micro-batch number <micro> (0-based, counted in this process) is NaN.
+- ``after_eval_start:<step>``: the background evaluation worker of <step> (--eval_async) was started; the log names
+  its pid.
 """
 
 import errno
@@ -92,6 +94,17 @@ def install(spec: str) -> None:
             return original_torch_save(obj, f, *a, **k)
 
         torch.save = full_disk_save
+    elif point == "after_eval_start":
+        from ddpm_from_scratch.trainer.evaluation import EvaluationCallback
+
+        original_launch = EvaluationCallback._launch
+
+        def launch(self, trainer, step):
+            original_launch(self, trainer, step)
+            if step == n:
+                pause(spec)
+
+        EvaluationCallback._launch = launch
     elif point == "nan_at":
         from ddpm_from_scratch import losses
 

@@ -61,7 +61,8 @@ def _kill_after_checkpoint(tmp_path, out, step, *flags):
 
 
 def test_metrics_at_the_expected_steps_and_the_same_after_a_kill_and_resume(tmp_path):
-    flags = ["--max_train_steps", "10", "--eval_steps", "4", "--checkpointing_steps", "4"]
+    # in the training process (the background path has its own kill tests below)
+    flags = ["--max_train_steps", "10", "--eval_steps", "4", "--checkpointing_steps", "4", "--eval_async", "false"]
     ref = tmp_path / "ref"
     _train(tmp_path, ref, *flags)
     evals = _evals(ref)
@@ -149,3 +150,147 @@ def test_two_process_run_shares_the_evaluation(tmp_path):
     assert info["eval_work"] == [{"rank": 0, "samples": 4, "bound_images": 180},
                                  {"rank": 1, "samples": 4, "bound_images": 179}]
     assert proc.stderr.count("evaluation at step 2") == 1  # logged once, by the main process
+
+
+# ---- --eval_async: the same evaluations from a background worker process --------------------------------------------
+# 4 steps, evaluated at 2 (a worker when async) and 4 (the last one: in the training process), checkpoints at 2 and 4
+ASYNC = ["--max_train_steps", "4", "--eval_steps", "2", "--checkpointing_steps", "2", "--keep_best", "fdd",
+         "--export", "best", "--learning_rate", "0.05", "--lr_scheduler", "constant"]
+PENDING = ".eval-pending"
+
+
+@pytest.fixture(scope="module")
+def sync_reference(tmp_path_factory):
+    """The in-process run of ASYNC: its evaluation records and its folder."""
+    tmp = tmp_path_factory.mktemp("sync")
+    _train(tmp, tmp / "out", *ASYNC, "--eval_async", "false")
+    return _evals(tmp / "out"), tmp / "out"
+
+
+def _weights(path):
+    return load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _worker_pid(log_text, step):
+    marker = f"evaluation of step {step} started in a background worker (pid "
+    return int(log_text.split(marker, 1)[1].split(",", 1)[0]) if marker in log_text else None
+
+
+def test_async_and_sync_evaluations_record_the_same(tmp_path, sync_reference):
+    ref_evals, ref = sync_reference
+    out = tmp_path / "async"
+    proc = _train(tmp_path, out, *ASYNC, "--eval_async", "true")
+    assert "evaluation at step 2 (" in proc.stderr and "in a background worker): {" in proc.stderr
+    assert [r["step"] for r in ref_evals] == [2, 4]
+    assert _evals(out) == ref_evals  # bit for bit
+    info, ref_info = (json.loads((p / "run_info.json").read_text()) for p in (out, ref))
+    assert info["eval_async"] is True and ref_info["eval_async"] is False
+    assert info["evaluations"] == ref_info["evaluations"] and info["eval_worker_seconds"] > 0
+    assert json.loads((out / "best" / "best.json").read_text()) == json.loads((ref / "best" / "best.json").read_text())
+    assert _same_weights(_weights(out / "best"), _weights(ref / "best"))
+    assert _same_weights(_weights(out), _weights(ref))  # --export best: the same exported weights
+    assert not (out / PENDING).exists()  # cleaned up after recording
+    from ddpm_from_scratch.report import read_tensorboard_scalars
+
+    tb = read_tensorboard_scalars(str(out / "logs"))
+    assert tb["eval/fdd"].steps.tolist() == [2, 4]  # at the evaluated step, not at the step it was recorded
+    assert tb["eval/fdd"].values.tolist() == pytest.approx([r["eval/fdd"] for r in ref_evals], rel=1e-6)
+
+
+def _run_until(tmp_path, out, needle_of, *flags, fault=None):
+    """Starts train.py (through fault_injection.py with ``fault``) and waits until ``needle_of(log)`` is not None;
+    returns (process, log path, that value)."""
+    log = tmp_path / f"{out.name}.log"
+    cmd = [sys.executable, *([FAULTS, fault] if fault else [SCRIPT]), "--output_dir", str(out), *FAST, *flags]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while (value := needle_of(log.read_text())) is None:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc, log, value
+
+
+def test_a_killed_worker_stops_training_naming_the_step_and_resume_redoes_it(tmp_path, sync_reference):
+    """The worker dies: an error, its weights kept; the resumed run evaluates them in a new worker."""
+    out = tmp_path / "run"
+    proc, log, pid = _run_until(tmp_path, out, lambda text: _worker_pid(text, 2), *ASYNC, "--eval_async", "true")
+    os.kill(pid, signal.SIGKILL)  # the worker dies mid-evaluation (it needs seconds just to import torch)
+    assert proc.wait(timeout=240) == 2
+    text = log.read_text()
+    assert "train.py: error: the background evaluation of step 2 failed (killed by signal 9)" in text, text[-3000:]
+    assert "Traceback" not in text
+    assert (out / PENDING / "step-2" / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # kept
+    assert not os.path.exists(out / "model_index.json")  # nothing exported
+    resumed = _train(tmp_path, out, *ASYNC, "--eval_async", "true", "--resume_from_checkpoint", "latest")
+    assert "evaluating the pending step 2 of the killed run from its weights" in resumed.stderr
+    assert _evals(out) == sync_reference[0]
+    assert not (out / PENDING).exists()
+    assert _same_weights(_weights(out / "best"), _weights(sync_reference[1] / "best"))
+
+
+def test_a_run_killed_while_its_worker_is_pending_resumes_and_records_it_once(tmp_path, sync_reference):
+    out = tmp_path / "run"
+    fault = "after_eval_start:2"
+    proc, log, _ = _run_until(tmp_path, out, lambda text: True if f"PAUSED {fault}" in text else None, *ASYNC,
+                              "--eval_async", "true", fault=fault)
+    pid = _worker_pid(log.read_text(), 2)
+    proc.send_signal(signal.SIGKILL)  # the training process dies; its orphaned worker finishes and writes its result
+    proc.wait(timeout=30)
+    result = out / PENDING / "step-2" / "result.json"
+    deadline = time.monotonic() + 120
+    while not result.is_file():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    while os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read().lower():
+        time.sleep(0.05)
+    assert _evals(out) == []  # nobody recorded it
+    resumed = _train(tmp_path, out, *ASYNC, "--eval_async", "true", "--resume_from_checkpoint", "latest")
+    assert "recording the pending step 2 that the killed run's worker finished" in resumed.stderr
+    assert _evals(out) == sync_reference[0]  # step 2 once, the same values as the uninterrupted run
+    assert not (out / PENDING).exists()
+    assert _same_weights(_weights(out), _weights(sync_reference[1]))
+
+
+def test_bad_eval_async_settings_are_refused(tmp_path):
+    proc = _train(tmp_path, tmp_path / "bad", "--max_train_steps", "4", "--eval_steps", "2", "--eval_async", "maybe",
+                  check=False)
+    assert proc.returncode == 2 and "--eval_async" in proc.stderr and "Traceback" not in proc.stderr
+    # a launcher's several processes: 'true' cannot put one evaluation on one free core
+    cmd = [sys.executable, SCRIPT, "--output_dir", str(tmp_path / "bad"), *FAST, "--max_train_steps", "4",
+           "--eval_steps", "2", "--eval_async", "true"]
+    proc = subprocess.run(cmd, env=dict(_env(tmp_path), WORLD_SIZE="2"), capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--eval_async true" in proc.stderr and "single-process" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_eval_async_setting_is_resolved_as_documented(monkeypatch):
+    from ddpm_from_scratch.trainer import ConfigError, TrainConfig
+    from ddpm_from_scratch.trainer.evaluation import resolve_eval_async
+
+    # auto: on only for one CPU process with a core that torch leaves free
+    assert resolve_eval_async("auto", 1, "cpu", 1, 2)[0] is True
+    assert resolve_eval_async("auto", 1, "cpu", 2, 2)[0] is False
+    assert resolve_eval_async("auto", 2, "cpu", 1, 4)[0] is False
+    assert resolve_eval_async("auto", 1, "cuda", 1, 8)[0] is False
+    assert resolve_eval_async("false", 1, "cpu", 1, 8)[0] is False
+    assert resolve_eval_async("true", 1, "cpu", 2, 2)[0] is True  # asked for: even without a free core
+    for processes, device in ((2, "cpu"), (1, "cuda")):
+        with pytest.raises(ConfigError, match="--eval_async true .* single-process CPU run"):
+            resolve_eval_async("true", processes, device, 1, 8)
+    # a config file's JSON booleans are accepted; anything else names the flag and its choices
+    TrainConfig(eval_steps=2, eval_async=True).validate()
+    TrainConfig(eval_steps=2, eval_async=False).validate()
+    with pytest.raises(ConfigError, match=r"--eval_async must be one of \['auto', 'true', 'false'\], got 'yes'"):
+        TrainConfig(eval_steps=2, eval_async="yes").validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--eval_async true .* this one has 2 processes"):
+        TrainConfig(eval_steps=2, eval_async="true").validate()
+    TrainConfig(eval_steps=2, eval_async="auto").validate()

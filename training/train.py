@@ -25,14 +25,14 @@ os.environ.setdefault("DIFFUSERS_NO_ADVISORY_WARNINGS", "1")
 def main(argv=None) -> int:
     import logging
 
-    from ddpm_from_scratch.trainer import CheckpointError, ConfigError, NonFiniteError, Trainer
+    from ddpm_from_scratch.trainer import CheckpointError, ConfigError, EvaluationError, NonFiniteError, Trainer
     from ddpm_from_scratch.trainer.config import parse_cli
 
     config = parse_cli(argv)  # argparse errors: one line, exit 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         result = Trainer(config).train()
-    except (ConfigError, CheckpointError, NonFiniteError) as exc:
+    except (ConfigError, CheckpointError, NonFiniteError, EvaluationError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr, flush=True)
         return 2
     if not result["is_main_process"]:

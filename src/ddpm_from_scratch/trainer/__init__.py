@@ -7,7 +7,8 @@
 
 from .checkpoints import CheckpointError
 from .config import ConfigError, TrainConfig
+from .evaluation import EvaluationError
 from .steps import NonFiniteError
 from .trainer import Trainer
 
-__all__ = ["TrainConfig", "Trainer", "ConfigError", "CheckpointError", "NonFiniteError"]
+__all__ = ["TrainConfig", "Trainer", "ConfigError", "CheckpointError", "NonFiniteError", "EvaluationError"]

@@ -77,6 +77,7 @@ DIFFUSERS_RECIPE: dict[str, Any] = {
     "save_model_epochs": 10,
     "mixed_precision": "no",
 }
+EVAL_ASYNC_CHOICES = ("auto", "true", "false")
 RECIPES = {"digits": DIGITS_RECIPE, "diffusers": DIFFUSERS_RECIPE}
 # Fields that have to stay None after resolution in one recipe (e.g. num_epochs for the digits).
 _RECIPE_FIELDS = sorted(set(DIGITS_RECIPE) | set(DIFFUSERS_RECIPE))
@@ -224,6 +225,13 @@ class TrainConfig:
                             "(with the sample grid) and run_info.json. Seeded: a resumed run records the same values.")
     eval_bound_steps: int = _f(20, "Steps of the respaced chain of each evaluation's held-out bits/dim (0 = skip the "
                                    "bound).")
+    eval_async: str = _f("auto", "Where each --eval_steps evaluation runs: 'true' = in a background worker process "
+                                 "(1 thread) on a core that training leaves free, so training does not wait for it "
+                                 "(it waits only when the previous evaluation is still running at the next due "
+                                 "step, and for the last one before the export); 'false' = in the training process; "
+                                 "'auto' = true for a single-process CPU run on a machine with more cores than torch "
+                                 "threads, false otherwise. 'true' needs a single-process CPU run. Same values "
+                                 "either way.", choices=list(EVAL_ASYNC_CHOICES))
     keep_best: str | None = _f(None, "Keep the EMA weights of the best evaluation by this metric (lower is better) in "
                                      "output_dir/best/, outside the checkpoint rotation. Needs --eval_steps.",
                                choices=["fdd", "bits_per_dim"])
@@ -437,6 +445,13 @@ class TrainConfig:
         return resolved
 
 
+def eval_async_setting(value) -> str | None:
+    """--eval_async as one of EVAL_ASYNC_CHOICES (a config file's JSON/YAML true/false too), None when invalid."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if value in EVAL_ASYNC_CHOICES else None
+
+
 def _eval_problems(c: "TrainConfig", is_int) -> list[str]:
     """--eval_steps / --keep_best / --export: the combinations that cannot evaluate or keep what was asked."""
     out = []
@@ -445,6 +460,13 @@ def _eval_problems(c: "TrainConfig", is_int) -> list[str]:
         out.append(f"--keep_best must be one of ['fdd', 'bits_per_dim'], got {c.keep_best!r}")
     if c.export not in ("last", "best"):
         out.append(f"--export must be one of ['last', 'best'], got {c.export!r}")
+    setting = eval_async_setting(c.eval_async)
+    if setting is None:
+        out.append(f"--eval_async must be one of {list(EVAL_ASYNC_CHOICES)}, got {c.eval_async!r}")
+    elif setting == "true" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        out.append(f"--eval_async true runs each evaluation in one background process on a free CPU core: it needs a "
+                   f"single-process run, this one has {os.environ['WORLD_SIZE']} processes (use --eval_async auto or "
+                   f"false: the processes then share each evaluation)")
     if c.keep_best is not None and not evaluating:
         out.append(f"--keep_best {c.keep_best} compares evaluations: it needs --eval_steps N (N >= 1)")
     if c.export == "best" and c.keep_best is None:

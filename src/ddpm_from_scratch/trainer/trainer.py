@@ -14,6 +14,7 @@ process *and* on every other process (check ``trainer.accelerator.is_main_proces
 - ``on_step_end(trainer, step, logs)`` after every optimizer step; ``logs`` holds ``"loss"``, ``"lr"`` and
   ``"grad_norm"`` (floats) on logging steps and is ``{}`` otherwise;
 - ``on_save(trainer, step, path)`` after checkpoint ``path`` is complete;
+- ``on_loop_end(trainer)`` after the last step, before the export (background work must be finished by then);
 - ``on_train_end(trainer)`` after the export, before trackers close.
 
 ``output_dir/metrics.jsonl``: one JSON object per line, ``{"step": N, "loss": ..., "lr": ..., "grad_norm": ...}``
@@ -556,6 +557,7 @@ class Trainer:
             self.run_info = {}
         self._call("on_train_begin")
         self._loop()
+        self._call("on_loop_end")
         self.export(final=True)
         final_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
         if acc.is_main_process and c.push_to_hub:
