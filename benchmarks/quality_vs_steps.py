@@ -43,7 +43,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
-    unet, sched = load_model(args.model, args.device)
+    unet, sched, _ = load_model(args.model, args.device)
     held_out, train = digits_for_unet(unet, "test"), digits_for_unet(unet, "train")
     eval_images = held_out[: args.num_eval_images] if args.num_eval_images else held_out
     extractor = digits_feature_extractor(device=args.device)
@@ -55,7 +55,7 @@ def main(argv=None):
                                                generator=torch.Generator().manual_seed(args.seed), progress=True)
     runs = [("fixed_small", unet, sched), ("fixed_large", unet, sched), ("analytic", unet, sched)]
     if args.hybrid_model:
-        h_unet, h_sched = load_model(args.hybrid_model, args.device)
+        h_unet, h_sched, _ = load_model(args.hybrid_model, args.device)
         runs.append(("learned_range", h_unet, h_sched))
     elif sched.config.variance_type == "learned_range":
         runs.append(("learned_range", unet, sched))

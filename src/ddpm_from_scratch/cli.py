@@ -20,7 +20,6 @@ writes in fileio.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -87,11 +86,16 @@ def check_output_file(path: str, flag: str, extensions: tuple[str, ...] | None =
         raise CLIError(f"{flag} {path!r} is a folder; give a file name")
     if extensions is not None and os.path.splitext(path)[1].lower() not in extensions:
         raise CLIError(f"{flag} must end in {', '.join(extensions)}, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CLIError(f"{flag} {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {path!r}: folder {folder!r} is not writable")
+    return _check_parent_writable(path, flag)
+
+
+def _check_parent_writable(path: str, flag: str, missing_note: str = "") -> str:
+    """The folder ``path`` goes into exists and is writable (CLIError naming ``flag`` otherwise); returns path."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"{flag} {path!r}: folder {parent!r} does not exist{missing_note}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path!r}: folder {parent!r} is not writable")
     return path
 
 
@@ -103,12 +107,7 @@ def check_output_dir(path: str, flag: str) -> str:
         if not os.access(path, os.W_OK | os.X_OK):
             raise CLIError(f"{flag} {path!r} is not writable")
         return path
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise CLIError(f"{flag} {path!r}: folder {parent!r} does not exist (only the last level is created)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {path!r}: folder {parent!r} is not writable")
-    return path
+    return _check_parent_writable(path, flag, " (only the last level is created)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,8 +163,10 @@ def resolve_model(model: str, revision: str | None = None, *, local_only: bool =
 
 
 def load_model(model: str, device=None, revision: str | None = None, progress: bool = True):
-    """(unet, scheduler) from a saved pipeline folder or a Hub repo id at ``revision`` (ScratchDDPMPipeline, else a
-    folder's unet/ + scheduler/ subfolders); the UNet on ``device`` in eval mode. Pickle-only weights are refused."""
+    """(unet, scheduler, class_names) from a saved pipeline folder or a Hub repo id at ``revision``
+    (ScratchDDPMPipeline, else a folder's unet/ + scheduler/ subfolders, which record no class names); the UNet on
+    ``device`` in eval mode. class_names: a conditional pipeline's ``pipe.class_names``, else None. Pickle-only
+    weights are refused."""
     from diffusers.utils import logging as diffusers_logging
 
     hide = not progress and diffusers_logging.is_progress_bar_enabled()
@@ -190,6 +191,7 @@ def _load_model(model: str, device, revision: str | None):
         check_component_safetensors("unet", os.path.join(model, "unet"))
         unet = UNet2DModel.from_pretrained(model, subfolder="unet", use_safetensors=True)
         scheduler = ScratchDDPMScheduler.from_pretrained(model, subfolder="scheduler")
+        class_names = None
     else:
         kwargs = {} if revision is None else {"revision": revision}
         try:
@@ -200,8 +202,8 @@ def _load_model(model: str, device, revision: str | None):
                 raise CLIError(f"--model {model!r} is not a local folder, and as a Hub repo id{at} it cannot be "
                                f"loaded: {_one_line(err)}") from err
             raise CLIError(f"--model {model!r}: cannot load this folder: {_one_line(err)}") from err
-        unet, scheduler = pipe.unet, pipe.scheduler
-    return unet.to(device).eval(), scheduler
+        unet, scheduler, class_names = pipe.unet, pipe.scheduler, pipe.class_names
+    return unet.to(device).eval(), scheduler, class_names
 
 
 def check_variance_available(variance_type: str | None, scheduler, model: str) -> None:
@@ -329,23 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def model_class_names(model: str, revision: str | None = None) -> list[str] | None:
-    """The class names a saved pipeline (folder or Hub repo id, as --model) records in model_index.json (None when
-    it has none). Call after load_model: for a repo id the file is then in the local Hub cache."""
-    path = os.path.join(model, "model_index.json")
-    if resolve_model(model, revision) == "repo":
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(model, "model_index.json", revision=revision)
-    if not os.path.isfile(path):
-        return None
-    from .guidance import check_class_names
-
-    with open(path, encoding="utf-8") as f:
-        stored = json.load(f).get("class_names")
-    return None if stored is None else check_class_names(stored, len(stored))
-
-
 def cli_class_labels(tokens: list[str], class_names: list[str] | None, num_images: int) -> list:
     """--class_labels tokens -> one label per image (a class name when it is one, else an int index), each label
     repeated over one grid row of num_images / len(tokens) images (num_images a multiple of len(tokens), checked
@@ -371,7 +356,7 @@ def evaluate(args) -> dict:
     if args.json:
         check_output_file(args.json, "--json")
     num_samples = args.num_samples or 1000
-    unet, scheduler = load_model(args.model, args.device, args.revision, not args.no_progress)
+    unet, scheduler, _ = load_model(args.model, args.device, args.revision, not args.no_progress)
     check_variance_available(args.variance_type, scheduler, args.model)
     out = digits_report(unet, scheduler, num_inference_steps=args.steps, num_images=args.num_images,
                         num_samples=num_samples if args.fdd else 0, variance_type=args.variance_type,
@@ -395,7 +380,7 @@ def estimate_variance(args) -> str:
     resolve_model(args.model, local_only=True)
     folder = os.path.join(args.model, "scheduler")
     check_output_file(os.path.join(folder, "scheduler_config.json"), "--model's scheduler config")
-    unet, scheduler = load_model(args.model, args.device, progress=not args.no_progress)
+    unet, scheduler, _ = load_model(args.model, args.device, progress=not args.no_progress)
     timesteps = None if args.steps is None else likelihood.visited_timesteps(scheduler, args.steps)
     images = digits_for_unet(unet, "train")
     gamma = likelihood.estimate_analytic_gamma(unet, scheduler, images[: args.num_images], timesteps=timesteps,
@@ -427,9 +412,8 @@ def sample(args) -> list[str]:
         check_output_file(args.out, "--out", IMAGE_EXTENSIONS)
     if args.out_dir is not None:
         check_output_dir(args.out_dir, "--out_dir")
-    unet, scheduler = load_model(args.model, args.device, args.revision, not args.no_progress)
+    unet, scheduler, names = load_model(args.model, args.device, args.revision, not args.no_progress)
     check_variance_available(args.variance_type, scheduler, args.model)
-    names = model_class_names(args.model, args.revision)
     labels = None if args.class_labels is None else cli_class_labels(args.class_labels, names, args.num_images)
     gen = torch.Generator().manual_seed(args.seed)
     samples = likelihood.sample_images(unet, scheduler, args.num_images, args.steps, variance_type=args.variance_type,
