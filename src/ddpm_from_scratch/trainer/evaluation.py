@@ -381,19 +381,17 @@ class EvaluationCallback:
                 continue
             with open(os.path.join(folder, REQUEST_FILE), encoding="utf-8") as f:
                 asked = json.load(f)["arguments"]
-            if asked != eval_arguments(c) or read_pending_result(folder) is None:
-                if asked != eval_arguments(c):
+            stale = asked != eval_arguments(c)  # a resume with other evaluation settings: evaluate again
+            if stale or read_pending_result(folder) is None:
+                if stale:
                     fileio.atomic_write_json(os.path.join(folder, REQUEST_FILE),
                                              {"step": step, "arguments": eval_arguments(c)})
                 for name in (RESULT_FILE, SAMPLES_FILE):
                     if os.path.exists(os.path.join(folder, name)):
                         os.remove(os.path.join(folder, name))
                 logger.info("evaluating the pending step %d of the killed run from its weights in %s", step, folder)
-                begin = time.perf_counter()
-                proc = start_worker(folder)
-                proc.wait()
-                self.seconds += time.perf_counter() - begin
-                self._record_pending(trainer, step, folder, proc.returncode)
+                self.worker = (step, start_worker(folder), folder)
+                self.wait(trainer)  # the same waiting, timing and recording as a worker of this run
             else:
                 logger.info("recording the pending step %d that the killed run's worker finished", step)
                 self._record_pending(trainer, step, folder, 0)
