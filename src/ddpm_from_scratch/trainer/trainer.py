@@ -146,8 +146,6 @@ class Trainer:
         return resume
 
     def _build_data(self):
-        import torch
-
         from ..data import build_training_data
         from .model import default_resolution, model_channels
 
@@ -178,7 +176,6 @@ class Trainer:
         self.resolution, self.global_batch, self.steps_per_epoch, self.max_steps = (
             resolution, global_batch, steps_per_epoch, max_steps)
         self.sample_shape = (prepared.channels, resolution, resolution)
-        del torch
 
     def _build_model(self):
         import torch
@@ -426,7 +423,7 @@ class Trainer:
         acc.wait_for_everyone()
         pipe = None
         if acc.is_main_process:
-            final_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
+            final_loss = self.final_loss()
             model = ema_model_copy(acc.unwrap_model(self.unet), self.ema)
             exported = None
             if final:
@@ -448,7 +445,7 @@ class Trainer:
                     self.run_info["exported"] = exported
                 fileio.atomic_write_json(os.path.join(stage, RUN_INFO_FILE), self.run_info)
                 report_figure = self._write_report(stage, pipe) if final and c.report else None
-                repo_id = c.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(c.output_dir)))
+                repo_id = self.repo_id()
                 hub.write_model_card(
                     stage, repo_id=repo_id if c.push_to_hub else c.output_dir, sample_grid="samples.png",
                     dataset_name=self.source if self.source != "sklearn-digits"
@@ -487,6 +484,15 @@ class Trainer:
         finally:
             unet.train(was_training)
         return f"{REPORT_DIRNAME}/{MAIN_FIGURE}"
+
+    def final_loss(self) -> float:
+        """The mean of the last (up to 100) optimizer steps' losses: the card's and the result's final loss."""
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
+
+    def repo_id(self) -> str:
+        """The Hub repo of --push_to_hub: --hub_model_id, else the output folder's name (as diffusers does)."""
+        c = self.config
+        return c.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(c.output_dir)))
 
     def effective_settings(self) -> dict:
         """Every effective setting (recipe defaults filled in, derived values added), secrets removed: the card's
@@ -559,11 +565,11 @@ class Trainer:
         self._loop()
         self._call("on_loop_end")
         self.export(final=True)
-        final_loss = sum(self.recent) / len(self.recent) if self.recent else float("nan")
+        final_loss = self.final_loss()
         if acc.is_main_process and c.push_to_hub:
             from .. import hub
 
-            repo_id = c.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(c.output_dir)))
+            repo_id = self.repo_id()
             commit = hub.push_folder(c.output_dir, repo_id, private=c.hub_private_repo, token=c.hub_token,
                                      ignore_patterns=(*hub.DEFAULT_PUSH_IGNORE, METRICS_FILE, "best/*",
                                                       "previous-best-*"))
